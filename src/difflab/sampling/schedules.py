@@ -1,0 +1,86 @@
+"""Sigma schedules: ``schedule(steps, sigma_min=..., sigma_max=...) -> sigmas`` (steps + 1 values, last 0).
+
+Each returns a float64 CPU tensor, decreasing from sigma_max to sigma_min, with a final 0 appended: a
+solver takes ``steps`` steps through it. The VP schedules place steps on a discrete 1000-step VP table
+(DDPM's linear betas unless told otherwise) restricted to [sigma_min, sigma_max].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from difflab.diffusion.noise import VPSchedule, flow_time_from_sigma, sigma_from_flow_time
+
+
+def _check(steps: int, sigma_min: float, sigma_max: float) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas.to(torch.float64), sigmas.new_zeros(1, dtype=torch.float64)])
+
+
+def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho (EDM, Eq. 5)."""
+    _check(steps, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def loglinear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+    """Uniform in log-sigma (equal steps in the DPM-Solver's lambda = -log sigma; Lu et al. 2022)."""
+    _check(steps, sigma_min, sigma_max)
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp())
+
+
+def _vp_range(vp_schedule: VPSchedule | None, sigma_min: float, sigma_max: float):
+    table = vp_schedule or VPSchedule.from_betas()
+    t_hi = float(table.sigma_to_t(torch.tensor(sigma_max)))
+    t_lo = float(table.sigma_to_t(torch.tensor(sigma_min)))
+    return table, t_hi, t_lo
+
+
+def vp_uniform(
+    steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, vp_schedule: VPSchedule | None = None
+) -> torch.Tensor:
+    """Timesteps uniform over a VP table between sigma_max and sigma_min (DDIM's uniform spacing)."""
+    _check(steps, sigma_min, sigma_max)
+    table, t_hi, t_lo = _vp_range(vp_schedule, sigma_min, sigma_max)
+    return _append_zero(table.t_to_sigma(torch.linspace(t_hi, t_lo, steps, dtype=torch.float64)))
+
+
+def vp_trailing(
+    steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, vp_schedule: VPSchedule | None = None
+) -> torch.Tensor:
+    """"Trailing" spacing (Lin et al. 2024, Table 2): equal intervals ending one interval before t_lo - 1.
+
+    On the full table this gives diffusers' trailing timesteps ``T - 1, T - 1 - T/N, ..., T/N - 1``.
+    """
+    _check(steps, sigma_min, sigma_max)
+    table, t_hi, t_lo = _vp_range(vp_schedule, sigma_min, sigma_max)
+    t = torch.linspace(t_hi, t_lo - 1, steps + 1, dtype=torch.float64)[:-1]
+    return _append_zero(table.t_to_sigma(t))
+
+
+def flow_shift(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: float = 3.0) -> torch.Tensor:
+    """Uniform rectified-flow time, shifted t' = s t / (1 + (s - 1) t) as in SD3 (Esser et al. 2024, Eq. 23).
+
+    The shift multiplies sigma by ``shift``; use :func:`difflab.diffusion.resolution_shift` for SD3's
+    resolution-dependent value.
+    """
+    _check(steps, sigma_min, sigma_max)
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    u_hi = flow_time_from_sigma(torch.tensor(sigma_max / shift, dtype=torch.float64))
+    u_lo = flow_time_from_sigma(torch.tensor(sigma_min / shift, dtype=torch.float64))
+    u = torch.linspace(float(u_hi), float(u_lo), steps, dtype=torch.float64)
+    sigmas = shift * sigma_from_flow_time(u)
+    sigmas[-1] = sigma_min  # exact ends despite rounding
+    sigmas[0] = sigma_max
+    return _append_zero(sigmas)
