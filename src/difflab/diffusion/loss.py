@@ -80,4 +80,5 @@ def denoising_loss(
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
     denoised = denoiser(x0 + s * noise, sigma, **cond)
-    return weight * (denoised.float() - x0.float()).square().flatten(1).mean(1)
+    dtype = torch.promote_types(x0.dtype, torch.float32)  # bfloat16 networks: the loss in float32
+    return weight * (denoised.to(dtype) - x0.to(dtype)).square().flatten(1).mean(1)

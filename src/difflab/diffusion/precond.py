@@ -44,8 +44,9 @@ def _eps(sigma: torch.Tensor, sigma_data: float) -> Coefficients:
 
 
 def _v(sigma: torch.Tensor, sigma_data: float) -> Coefficients:
-    # Salimans & Ho 2022: v = alpha eps - s x0 is EDM's F with sigma_data = 1.
-    return _edm(sigma, 1.0)
+    # Salimans & Ho 2022: v = alpha n - s' x0, so x0 = alpha x_vp - s' v = x / (1 + s^2) - s' v.
+    norm = (1 + sigma**2).sqrt()
+    return Coefficients(1 / norm**2, -sigma / norm, 1 / norm)
 
 
 def _x0(sigma: torch.Tensor, sigma_data: float) -> Coefficients:

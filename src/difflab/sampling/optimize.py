@@ -1,11 +1,13 @@
 """An optimised sigma schedule: the steps that minimise a solver's error for a given denoiser and budget.
 
 In the spirit of "Align Your Steps" (Sabour et al. 2024) and GITS (Chen et al. 2024): start from the
-best closed-form schedule, then move the interior log-sigma steps (ends fixed) to minimise the RMS
-distance between the solver's result and a fine reference solution of the probability-flow ODE from
-the same noise. The error minimised is the accumulated local truncation error of the whole
-trajectory, so multistep solvers are handled as faithfully as single-step ones. Derivative-free
-(Powell), so any denoiser and any solver works; results are cached to a small JSON file per model.
+best closed-form schedule, then move the log-sigma steps to minimise the RMS distance between the
+solver's result and a fine reference solution of the probability-flow ODE from the same noise.
+sigma_max is kept; the last step before 0 may stay above sigma_min when that is more accurate (as
+"trailing" spacing does), never below. The error minimised is the accumulated local truncation error
+of the whole trajectory, so multistep solvers are handled as faithfully as single-step ones.
+Derivative-free (Powell), so any denoiser and any solver works; results are cached to a small JSON
+file per model.
 """
 
 from __future__ import annotations
@@ -57,18 +59,22 @@ def fingerprint(denoiser: Callable) -> str | None:
 
 
 def _sigmas_from_logits(logits: np.ndarray, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """Nodes from sigma_max to sigma_min whose log-sigma gaps are softmax(logits, 0) of the whole range."""
+    """Nodes from sigma_max down towards sigma_min: the log-sigma range is split into len(logits) + 1 gaps
+    by softmax(logits, 0); the last gap is the part of the range below the last node (left untraversed,
+    as "trailing" spacing does)."""
     z = np.append(logits, 0.0)
     gaps = np.exp(z - z.max())
-    gaps /= gaps.sum()
-    log_sigmas = math.log(sigma_max) - (math.log(sigma_max) - math.log(sigma_min)) * np.concatenate([[0], np.cumsum(gaps)])
+    gaps *= (math.log(sigma_max) - math.log(sigma_min)) / gaps.sum()
+    log_sigmas = math.log(sigma_max) - np.concatenate([[0.0], np.cumsum(gaps[:-1])])
     sigmas = torch.from_numpy(np.exp(log_sigmas))
-    sigmas[0], sigmas[-1] = sigma_max, sigma_min
-    return _append_zero(sigmas)
+    sigmas[0] = sigma_max
+    return _append_zero(sigmas.clamp(min=sigma_min))
 
 
-def _logits_from_sigmas(sigmas: torch.Tensor) -> np.ndarray:
-    gaps = np.diff(-np.log(sigmas[:-1].numpy()))
+def _logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float) -> np.ndarray:
+    log_nodes = np.log(sigmas[:-1].numpy())
+    gaps = np.append(-np.diff(log_nodes), log_nodes[-1] - math.log(sigma_min))
+    gaps = np.maximum(gaps, 1e-3 * gaps.sum())
     return np.log(gaps[:-1]) - np.log(gaps[-1])
 
 
@@ -128,10 +134,12 @@ def optimized(
             value = (result - reference).double().square().mean().sqrt().item()
             return value if math.isfinite(value) else math.inf
 
-        candidates = [karras(steps, sigma_min, sigma_max, rho) for rho in (3.0, 5.0, 7.0, 10.0)]
-        candidates.append(loglinear(steps, sigma_min, sigma_max))
+        candidates = [karras(n, sigma_min, sigma_max, rho) for rho in (3.0, 5.0, 7.0, 10.0) for n in (steps, steps + 1)]
+        candidates += [loglinear(steps, sigma_min, sigma_max), loglinear(steps + 1, sigma_min, sigma_max)]
+        # Candidates with one step more end early: the last node before 0 stays above sigma_min.
+        candidates = [torch.cat([c[:steps], c.new_zeros(1)]) for c in candidates]
         best = min(candidates, key=error)
-        if steps > 2:
+        if steps > 1:
             best = _powell(error, best, sigma_min, sigma_max, max_evals or 60 * steps, progress)
         best_error = error(best)
 
@@ -149,7 +157,7 @@ def _powell(error, start: torch.Tensor, sigma_min, sigma_max, max_evals: int, pr
         bar.update()
         return error(_sigmas_from_logits(np.clip(logits, -30, 30), sigma_min, sigma_max))
 
-    start_logits = _logits_from_sigmas(start)
+    start_logits = _logits_from_sigmas(start, sigma_min)
     result = minimize(objective, start_logits, method="Powell", options={"maxfev": max_evals, "xtol": 1e-3})
     bar.close()
     found = _sigmas_from_logits(np.clip(result.x, -30, 30), sigma_min, sigma_max)

@@ -41,8 +41,8 @@ def loglinear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> 
 
 def _vp_range(vp_schedule: VPSchedule | None, sigma_min: float, sigma_max: float):
     table = vp_schedule or VPSchedule.from_betas()
-    t_hi = float(table.sigma_to_t(torch.tensor(sigma_max)))
-    t_lo = float(table.sigma_to_t(torch.tensor(sigma_min)))
+    t_hi = float(table.sigma_to_t(torch.tensor(sigma_max, dtype=torch.float64)))
+    t_lo = float(table.sigma_to_t(torch.tensor(sigma_min, dtype=torch.float64)))
     return table, t_hi, t_lo
 
 
