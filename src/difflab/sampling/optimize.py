@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
 from difflab.sampling.schedules import _append_zero, _check, karras, loglinear
@@ -87,7 +88,7 @@ def optimized(
     shape: tuple[int, ...],
     solver: str = "dpmpp_2m",
     cond: dict | None = None,
-    reference_steps: int = 500,
+    reference_steps: int = 200,
     max_evals: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -149,8 +150,6 @@ def optimized(
 
 
 def _powell(error, start: torch.Tensor, sigma_min, sigma_max, max_evals: int, progress: bool) -> torch.Tensor:
-    from scipy.optimize import minimize  # the search's only use of scipy
-
     bar = tqdm(total=max_evals, desc="optimising schedule", disable=not progress, leave=False)
 
     def objective(logits: np.ndarray) -> float:

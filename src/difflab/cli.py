@@ -1,0 +1,60 @@
+"""The ``difflab`` command: one verb per lifecycle stage (later stages add theirs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from difflab.demo import run_demo
+
+    print(f"difflab demo: sampling an exact Gaussian-mixture denoiser with several solvers -> {args.out}/")
+    run_demo(args.out, samples=args.samples)
+    print(f"wrote {args.out}/solvers.png and {args.out}/error_vs_nfe.png")
+    return 0
+
+
+def _solvers(args: argparse.Namespace) -> int:
+    from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC
+
+    print("solvers (NFE for 10 steps; * = stochastic):")
+    for name, fn in SOLVERS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:16s}{'*' if name in STOCHASTIC else ' '} {fn.nfe(10):3d}  {doc}")
+    print("schedules:")
+    for name, fn in SCHEDULES.items():
+        print(f"  {name:16s}  {(fn.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difflab", description="Diffusion models for images and video.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    demo = verbs.add_parser("demo", help="compare solvers on an exact Gaussian-mixture denoiser, write pictures")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    demo.add_argument("--samples", type=_positive_int, default=2000, help="samples per solver (default: 2000)")
+    demo.set_defaults(run=_demo)
+    listing = verbs.add_parser("solvers", help="list the solvers and sigma schedules")
+    listing.set_defaults(run=_solvers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Evaluation: distances between sample sets, and the plots that show them."""
+
+from difflab.evaluation.distances import mmd
+
+__all__ = ["mmd"]

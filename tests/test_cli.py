@@ -1,0 +1,53 @@
+"""The difflab command and the demo."""
+
+import pytest
+
+from difflab.cli import main
+from difflab.demo import run_demo
+
+
+def test_help_lists_the_verbs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "solvers" in out
+
+
+def test_solvers_lists_every_registry_entry(capsys):
+    from difflab.sampling import SCHEDULES, SOLVERS
+
+    assert main(["solvers"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in [*SOLVERS, *SCHEDULES])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_bad_cli_values_get_a_one_line_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--samples", value])
+    assert exit_info.value.code == 2
+    assert f"expected a positive integer, got '{value}'" in capsys.readouterr().err
+
+
+def test_demo_writes_pictures_and_the_optimized_schedule_wins(tmp_path):
+    errors = run_demo(tmp_path, samples=300, nfe_grid=(5,), panel_nfe=5, progress=False)
+    assert (tmp_path / "solvers.png").stat().st_size > 10_000
+    assert (tmp_path / "error_vs_nfe.png").stat().st_size > 10_000
+    best_closed_form = min(e for label, points in errors.items() if "karras" in label for n, e in points if n == 5)
+    assert dict(errors["dpmpp_2m + optimized"])[5] < best_closed_form
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's ten-line example is code that works, not prose."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(example.strip().splitlines()) <= 12
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["x0_fast"].shape == (1000, 2)
+    assert (tmp_path / "optimized_schedules.json").exists()
