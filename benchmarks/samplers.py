@@ -1,0 +1,208 @@
+"""Accuracy per network evaluation: difflab's solvers and schedules against diffusers and k-diffusion.
+
+Every sampler is driven by the same exact Gaussian-mixture denoiser from the same noise over the same
+sigma range. For each NFE budget it reports the endpoint RMSE against a fine RK4 solution of the
+probability-flow ODE from that noise, and the MMD to exact samples of the mixture.
+
+    .venv-bench/bin/python benchmarks/samplers.py --json out/samplers.json      # full run (peers need the
+    .venv/bin/python benchmarks/samplers.py --quick                              # bench env: make bench-env)
+
+The optimised schedule is searched on a different noise batch (seed 1) than the one evaluated (seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from difflab.diffusion import GaussianMixture  # noqa: E402
+from difflab.evaluation import mmd  # noqa: E402
+from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
+from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
+
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+CLOSED_FORM = ("karras", "loglinear", "vp_uniform", "vp_trailing", "flow_shift")
+OPTIMIZED_SOLVERS = ("euler", "dpmpp_2m", "dpmpp_3m", "unipc", "deis")
+OPTIMIZED_MAX_NFE = 20
+
+
+def multiscale_mixture() -> GaussianMixture:
+    """16-D, components whose scales span 50x (0.01 to 0.5): stiff where sigma passes each scale."""
+    g = torch.Generator().manual_seed(3)
+    means = 0.8 * torch.randn(12, 16, generator=g, dtype=torch.float64)
+    stds = torch.logspace(math.log10(0.01), math.log10(0.5), 12, dtype=torch.float64)
+    weights = torch.rand(12, generator=g, dtype=torch.float64) + 0.2
+    return GaussianMixture(means, stds, weights)
+
+
+CASES = {
+    "ring": ("2-D ring, 8 components, std 0.05", lambda: GaussianMixture.ring(8, radius=1.0, std=0.05)),
+    "gmm64": ("64-D, 16 random components, std 0.05-0.15", lambda: GaussianMixture.random(64, 16, std=0.1)),
+    "multiscale": ("16-D, 12 components, stds 0.01-0.5", multiscale_mixture),
+    "image": ("1x16x16 image-shaped, 10 components", lambda: GaussianMixture.random(
+        256, 10, std=0.1, spread=0.5, seed=7, sample_shape=(1, 16, 16))),
+}
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    value = (a.double() - b.double()).square().mean().sqrt().item()
+    return value if math.isfinite(value) else math.inf
+
+
+def run_case(name: str, args, peers: dict) -> dict:
+    description, build = CASES[name]
+    mixture = build()
+    shape = mixture.sample_shape
+    noise = torch.randn(args.samples, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = mixture.sample(args.samples, generator=torch.Generator().manual_seed(2))
+    start = time.perf_counter()
+    reference = reference_solution(mixture, noise * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX, steps=args.reference_steps)
+    bandwidth = torch.cdist(exact.flatten(1)[:500], exact.flatten(1)[:500]).median().item()
+    bandwidths = (0.5 * bandwidth, bandwidth, 2 * bandwidth)
+    floor = mmd(mixture.sample(args.samples, generator=torch.Generator().manual_seed(5)), exact, bandwidths)
+    print(f"\n== {name}: {description}; reference in {time.perf_counter() - start:.0f}s; "
+          f"MMD between two exact sample sets {floor:.1e}", flush=True)
+
+    rows = []
+
+    def record(side: str, config: str, x0, nfe_used: int, budget: int, seconds: float, stochastic: bool):
+        rows.append({"side": side, "config": config, "nfe_budget": budget, "nfe": nfe_used,
+                     "stochastic": stochastic, "rmse": rmse(x0, reference),
+                     "mmd": mmd(x0, exact, bandwidths) if torch.isfinite(x0).all() else math.inf,
+                     "seconds": round(seconds, 3)})
+
+    solvers = [s for s in SOLVERS if re.search(args.solvers, s)]
+    for budget in args.nfe:
+        for solver in solvers:
+            steps = steps_for_nfe(solver, budget)
+            if SOLVERS[solver].nfe(steps) > budget:
+                continue
+            schedules = list(CLOSED_FORM)
+            if solver in OPTIMIZED_SOLVERS and budget <= OPTIMIZED_MAX_NFE and not args.no_optimized:
+                schedules.append("optimized")
+            for schedule in schedules:
+                t0 = time.perf_counter()
+                options = {}
+                if schedule == "optimized":
+                    options = dict(denoiser=mixture, solver=solver, shape=(args.search_samples, *shape),
+                                   dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}")
+                sigmas = SCHEDULES[schedule](steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **options)
+                x0 = SOLVERS[solver](mixture, noise * sigmas[0].item(), sigmas,
+                                     generator=torch.Generator().manual_seed(0))
+                record("difflab", f"{solver}+{schedule}", x0, SOLVERS[solver].nfe(steps), budget,
+                       time.perf_counter() - t0, solver in STOCHASTIC)
+        for peer_name, runner in peers.items():
+            from peers import run_peer
+
+            result = run_peer(runner, mixture, noise, budget, SIGMA_MIN, SIGMA_MAX)
+            if result.x0 is None:
+                if budget == args.nfe[0]:
+                    print(f"  peer failed: {peer_name}: {result.reason}", flush=True)
+                continue
+            if result.nfe > budget:
+                continue
+            record(runner.library, peer_name, result.x0, result.nfe, budget, result.seconds, runner.stochastic)
+        print(f"  NFE {budget:3d}: {len([r for r in rows if r['nfe_budget'] == budget])} configurations run",
+              flush=True)
+    summary = summarise(rows, args.nfe)
+    print_table(name, summary)
+    return {"description": description, "mmd_floor": floor, "summary": summary, "rows": rows}
+
+
+def best(rows, budget, predicate):
+    candidates = [r for r in rows if r["nfe_budget"] == budget and predicate(r)]
+    return min(candidates, key=lambda r: r["rmse"]) if candidates else None
+
+
+def summarise(rows, budgets) -> list[dict]:
+    summary = []
+    for budget in budgets:
+        ours = best(rows, budget, lambda r: r["side"] == "difflab")
+        closed = best(rows, budget, lambda r: r["side"] == "difflab" and not r["config"].endswith("optimized"))
+        peer = best(rows, budget, lambda r: r["side"] != "difflab")
+        by_library = {lib: best(rows, budget, lambda r, lib=lib: r["side"] == lib) for lib in ("diffusers", "k-diffusion")}
+        ratio = peer["rmse"] / ours["rmse"] if ours and peer else None
+        summary.append({"nfe": budget, "difflab": ours, "difflab_closed_form": closed, "peer": peer,
+                        **{f"best_{lib}": row for lib, row in by_library.items()},
+                        "peer_over_difflab": ratio,
+                        "target_met": None if ratio is None or budget > 20 else ratio >= 2.0})
+    return summary
+
+
+def _cell(row) -> str:
+    return f"{row['config'][:48]:48s} {row['rmse']:8.2e} {row['mmd']:8.1e}" if row else f"{'-':48s} {'':8s} {'':8s}"
+
+
+def print_table(name: str, summary) -> None:
+    print(f"\n{name}: best endpoint RMSE per NFE budget (MMD to exact samples beside it)")
+    print(f"{'NFE':>4} | {'difflab best':48s} {'RMSE':>8s} {'MMD':>8s} | {'difflab closed-form':48s} "
+          f"{'RMSE':>8s} {'MMD':>8s} | {'best peer':48s} {'RMSE':>8s} {'MMD':>8s} | peer/difflab")
+    for s in summary:
+        ratio = f"{s['peer_over_difflab']:6.2f}x" if s["peer_over_difflab"] else "   -"
+        mark = {True: " ok", False: " MISSED", None: ""}[s["target_met"]]
+        print(f"{s['nfe']:4d} | {_cell(s['difflab'])} | {_cell(s['difflab_closed_form'])} | {_cell(s['peer'])} | "
+              f"{ratio}{mark}")
+
+
+def plot_case(name: str, result: dict, out_dir: Path) -> Path:
+    series = {}
+    for key, label in (("difflab", "difflab best"), ("difflab_closed_form", "difflab, closed-form schedules"),
+                       ("best_diffusers", "peer: diffusers best"), ("best_k-diffusion", "peer: k-diffusion best")):
+        points = [(s[key]["nfe"], s[key]["rmse"]) for s in result["summary"] if s.get(key)]
+        if points:
+            series[label] = points
+    return plot_error_vs_nfe(series, out_dir / f"samplers_{name}.png",
+                             title=f"{name}: {result['description']}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--nfe", default="3,5,8,10,15,20,35,50", help="NFE budgets")
+    parser.add_argument("--samples", type=int, default=1000, help="noise samples evaluated (and exact samples)")
+    parser.add_argument("--search-samples", type=int, default=512, help="noise samples for the schedule search")
+    parser.add_argument("--reference-steps", type=int, default=1000, help="RK4 steps of the reference solution")
+    parser.add_argument("--solvers", default=".", help="regex selecting difflab solvers")
+    parser.add_argument("--peers", default=".", help="regex selecting peers; 'none' for none")
+    parser.add_argument("--no-optimized", action="store_true", help="skip the optimised schedule")
+    parser.add_argument("--cache", type=Path, default=Path("out/bench-cache/optimized_schedules.json"))
+    parser.add_argument("--plots", type=Path, default=Path("out/benchmarks"), help="folder for the figures")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--quick", action="store_true", help="ring only, NFE 5 and 10, a few solvers")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cases, args.nfe, args.solvers = "ring", "5,10", "^(euler|dpmpp_2m|unipc)$"
+    args.nfe = [int(n) for n in args.nfe.split(",")]
+    cases = args.cases.split(",")
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
+    torch.set_num_threads(1)
+
+    import peers as peer_module
+
+    peers = {} if args.peers == "none" else {
+        n: r for n, r in peer_module.PEERS.items() if re.search(args.peers, n)}
+    results = {}
+    for name in cases:
+        results[name] = run_case(name, args, peers)
+        print(f"figure: {plot_case(name, results[name], args.plots)}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "sigma_min": SIGMA_MIN,
+                                         "sigma_max": SIGMA_MAX, "cases": results}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

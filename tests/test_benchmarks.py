@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end at a tiny size and write their JSON and figures."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def samplers_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import samplers
+
+    yield samplers
+    sys.modules.pop("samplers", None)
+
+
+def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
+    out = tmp_path / "samplers.json"
+    samplers_module.main([
+        "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|dpmpp_2m)$", "--peers", "DPMSolverMultistep",
+        "--samples", "200", "--search-samples", "64", "--reference-steps", "200",
+        "--json", str(out), "--plots", str(tmp_path), "--cache", str(tmp_path / "cache.json"),
+    ])
+    printed = capsys.readouterr().out
+    assert "best endpoint RMSE per NFE budget" in printed
+    result = json.loads(out.read_text())["cases"]["ring"]
+    configs = {row["config"] for row in result["rows"]}
+    assert {"euler+karras", "dpmpp_2m+optimized"} <= configs
+    assert any(c.startswith("diffusers/DPMSolverMultistep") for c in configs)
+    assert all(row["nfe"] <= 5 for row in result["rows"])
+    (summary,) = result["summary"]
+    assert summary["difflab"]["rmse"] <= summary["difflab_closed_form"]["rmse"]
+    assert (tmp_path / "samplers_ring.png").exists()
+
+
+def test_samplers_benchmark_rejects_unknown_cases(samplers_module):
+    with pytest.raises(SystemExit):
+        samplers_module.main(["--cases", "nope"])
