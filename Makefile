@@ -30,7 +30,8 @@ test-all: $(STAMP)
 bench-env:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	.venv-bench/bin/python -m pip install --quiet k-diffusion==0.1.1.post1 -e '.[bench]'
+	# k-diffusion imports clip, which needs pkg_resources (gone from setuptools 81 on).
+	.venv-bench/bin/python -m pip install --quiet 'setuptools<81' k-diffusion==0.1.1.post1 -e '.[bench]' pytest
 
 clean:
 	rm -rf $(VENV) .venv-bench out

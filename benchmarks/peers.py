@@ -19,24 +19,26 @@ Equal terms:
   for linspace/trailing (the same as matched) but noise * sqrt(1 + sigma_max^2) for leading.
 - Sigma range: each diffusers scheduler gets a 1000-step VP table whose sigmas span exactly
   [sigma_min, sigma_max] (linear betas, as DDPM, with beta_start and beta_end fitted to the ends: see
-  :func:`vp_betas`). What each family then actually uses (measured at sigma_min=0.002, sigma_max=80):
-    * DDIM/DDPM/PNDM (integer timesteps on the table): linspace and trailing start at t = 999, i.e.
-      sigma_max; leading starts at t = (N-1)*(1000//N) < 999 (e.g. sigma 39.6 for N=10). linspace and
-      leading end at t = 0 (sigma_min), trailing at t = 1000/N - 1 (e.g. sigma 0.14 for N=10, a
-      relatively large last sigma). All step into sigma = 0 (set_alpha_to_one=True; DDPM always).
-    * DEIS/DPMSolverMultistep/DPMSolverSinglestep/UniPC/SASolver (timesteps + sigma table):
-      linspace/trailing start at sigma_max, leading below it; use_karras_sigmas/use_exponential_sigmas
-      span exactly [sigma_min, sigma_max]. All end at 0 except DEIS, which has no final_sigmas_type:
-      it ends at sigma_min (timestep spacings) or takes a zero-length last step from sigma_min to
-      sigma_min (karras/exponential), so its output still carries sigma_min noise.
-    * Euler/EulerAncestral/Heun/KDPM2/KDPM2Ancestral/LMS/DPMSolverSDE (Karras-style on the VP
-      table, fractional timesteps): as above for the spacings; karras/exponential span exactly
-      [sigma_min, sigma_max]; all end at 0.
-    * EDMEuler/EDMDPMSolverMultistep: sigma_min/sigma_max are config values: exactly the range; end at 0.
-    * IPNDM: its ``trained_betas`` are the VP sigma_t of every step, so it gets exactly the karras or
-      exponential grid over [sigma_min, sigma_max], ending at 0.
+  :func:`vp_betas`). What each family then actually uses (measured at sigma_min=0.002, sigma_max=80,
+  an NFE budget of 10; ``run_peer`` returns every evaluated sigma and the final one):
+    * timestep spacings (every scheduler on the VP table): "linspace" and "trailing" start at t = 999,
+      i.e. sigma_max; "leading" starts lower (t = 900, sigma 35.0, for 10 steps; t = 800, sigma 16.5, for
+      the 5 steps of Heun/KDPM2/DPMSolverSDE). The lowest sigma evaluated: "trailing" stops at
+      t = 1000/N - 1 (0.30 for N = 10); with "linspace"/"leading", DDIM, DDPM, PNDM and the Karras-style
+      schedulers (Euler, EulerAncestral, Heun, KDPM2, KDPM2Ancestral, LMS, DPMSolverSDE) reach t = 0
+      (sigma_min), while the multistep ones (DEIS, DPMSolverMultistep/Singlestep, UniPC, SASolver) space
+      N + 1 points and drop the last, so they stop near t = 1000/(N + 1) (0.27-0.30 for N = 10) and
+      jump from there to the end.
+    * use_karras_sigmas / use_exponential_sigmas, IPNDM (its ``trained_betas`` are the VP sigma_t of our
+      karras or exponential grid) and the EDM schedulers (sigma_min/sigma_max are config values):
+      exactly [sigma_min, sigma_max].
+    * the end: sigma = 0 for all but DEIS (no final_sigmas_type: it stops at the table's sigma_min, and
+      with karras/exponential sigmas spends its last NFE on a zero-length step from sigma_min to
+      sigma_min), SASolver (stops at sigma_min) and UniPC bh1 (set to stop at sigma_min, see the table):
+      their outputs keep sigma_min of noise.
   k-diffusion gets get_sigmas_karras / get_sigmas_exponential over exactly [sigma_min, sigma_max];
-  ``sample_dpm_fast`` builds its own uniform-lambda grid over the same range and ends at sigma_min.
+  ``sample_dpm_fast`` builds its own grid, uniform in log sigma over the same range, and stops at
+  sigma_min (no step to 0).
 - Precision: float64 wherever the peer lets us. The VP table is built in float64 and installed over
   the float32 one diffusers builds (alphas_cumprod and everything derived from it) before
   ``set_timesteps``; after it every floating tensor of the scheduler (sigmas, ...) is promoted to
@@ -47,18 +49,24 @@ Equal terms:
   noise that DPMSolverMultistep's SDE variant draws.
   k-diffusion runs with float64 as the default dtype, so its sigmas and dpm_fast's grid are float64.
 - The model: with ``prediction_type="sample"`` the scheduler receives the denoiser's x0 directly.
-  Where a scheduler lacks it, the x0 is converted exactly (in float64): PNDM gets epsilon
-  ``(x - x0) / sigma``, IPNDM v-prediction, the EDM schedulers their epsilon preconditioning
-  ``(x0 - c_skip x) / c_out``. The denoiser is called at the sigma the scheduler uses in its update
-  (not at a rounded integer timestep a network would see).
+  Where a scheduler lacks it, the x0 is converted exactly (in float64): PNDM, EulerAncestral, KDPM2,
+  KDPM2Ancestral and DPMSolverSDE get epsilon ``(x - x0) / sigma``, IPNDM v-prediction, the EDM
+  schedulers their epsilon preconditioning ``(x0 - c_skip x) / c_out``. The denoiser is called at the
+  sigma the scheduler uses in its update (not at a rounded integer timestep a network would see).
+
+Not covered: consistency/few-step schedulers (LCM, TCD, CM), the flow-matching ones (a different
+process; their Euler is DDIM again), task-specific variants (CogVideoX, inverse, parallel, RePaint,
+unCLIP, VQ, SDE-VE) and k-diffusion's sample_dpm_adaptive, whose NFE its error controller sets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -91,13 +99,21 @@ class _Trace(NamedTuple):
 
 
 def _largest_fitting(budget: int, nfe: Callable[[int], int]) -> int:
-    """The most steps n in [1, budget] with nfe(n) <= budget (nfe increasing in n)."""
+    """The most steps n in [1, budget] with nfe(n) <= budget (nfe increasing in n). A step count the
+    peer rejects (PNDM's Runge-Kutta warm-up needs 4 steps and 13 NFE) counts as not fitting."""
+
+    def fits(n: int) -> bool:
+        try:
+            return nfe(n) <= budget
+        except Exception:  # noqa: BLE001
+            return False
+
     lo, hi = 1, max(budget, 1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if nfe(mid) <= budget else (lo, mid - 1)
-    if nfe(lo) > budget:
-        raise ValueError(f"an NFE budget of {budget} fits no step count (1 step needs {nfe(lo)})")
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    if not fits(lo):
+        raise ValueError(f"an NFE budget of {budget} fits no step count of this peer")
     return lo
 
 
@@ -132,7 +148,7 @@ def vp_betas(sigma_min: float, sigma_max: float, steps: int = TRAIN_TIMESTEPS) -
 
     lo, hi = beta_start, 1.0 - 1e-12
     if log_alphabar_end(lo) < target:
-        raise ValueError(f"sigma range [{sigma_min}, {sigma_max}] is too narrow for a {steps}-step linear table")
+        raise ValueError(f"[{sigma_min}, {sigma_max}] is too narrow a range for a {steps}-step linear table")
     for _ in range(200):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if log_alphabar_end(mid) > target else (lo, mid)
@@ -225,16 +241,19 @@ _DIFFUSERS_TABLE = [
                             ("order=3", {"solver_order": 3, "solver_type": "bh2"}),
                             # bh1 (B(h) = h) gives NaN on a step into sigma = 0 (inf * 0 in its last
                             # update), so it stops at sigma_min: its output keeps that much noise.
-                            ("bh1", {"solver_order": 2, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}))],
+                            ("bh1", {"solver_order": 2, "solver_type": "bh1",
+                                     "final_sigmas_type": "sigma_min"}))],
     ("SASolverScheduler", "", "vp", "sample", dict(_SAMPLE), {**_SPACINGS, **_KARRAS}, {}, True),
-    ("EulerDiscreteScheduler", "", "k", "sample", dict(_SAMPLE), {**_SPACINGS, **_KARRAS, **_EXPONENTIAL}, {}, False),
-    # EulerAncestral, KDPM2 and KDPM2Ancestral reject prediction_type="sample": they get epsilon.
+    ("EulerDiscreteScheduler", "", "k", "sample", dict(_SAMPLE), {**_SPACINGS, **_KARRAS, **_EXPONENTIAL}, {},
+     False),
+    # EulerAncestral, KDPM2, KDPM2Ancestral and DPMSolverSDE reject prediction_type="sample": epsilon.
     ("EulerAncestralDiscreteScheduler", "", "k", "epsilon", {}, _SPACINGS, {}, True),
-    ("HeunDiscreteScheduler", "", "k", "sample", dict(_SAMPLE), {**_SPACINGS, **_KARRAS, **_EXPONENTIAL}, {}, False),
+    ("HeunDiscreteScheduler", "", "k", "sample", dict(_SAMPLE), {**_SPACINGS, **_KARRAS, **_EXPONENTIAL}, {},
+     False),
     ("KDPM2DiscreteScheduler", "", "k", "epsilon", {}, {**_SPACINGS, **_KARRAS}, {}, False),
     ("KDPM2AncestralDiscreteScheduler", "", "k", "epsilon", {}, {**_SPACINGS, **_KARRAS}, {}, True),
     ("LMSDiscreteScheduler", "", "k", "sample", dict(_SAMPLE), {**_SPACINGS, **_KARRAS}, {}, False),
-    ("DPMSolverSDEScheduler", "", "k", "sample", dict(_SAMPLE), {**_SPACINGS, **_KARRAS}, {}, True),  # needs torchsde
+    ("DPMSolverSDEScheduler", "", "k", "epsilon", {}, {**_SPACINGS, **_KARRAS}, {}, True),  # needs torchsde
     ("EDMEulerScheduler", "", "edm", "edm_epsilon", {"prediction_type": "epsilon"},
      {s: {"sigma_schedule": s} for s in ("karras", "exponential")}, {}, False),
     *[("EDMDPMSolverMultistepScheduler", label, "edm", "edm_epsilon",
@@ -256,7 +275,7 @@ class _Float64(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+        if func is torch.Tensor.to and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
             wanted = kwargs.get("dtype", next((a for a in args[1:] if isinstance(a, torch.dtype)), None))
             if wanted == torch.float32:
                 args, kwargs = (args[0], *(a for a in args[1:] if not isinstance(a, torch.dtype))), {
@@ -274,7 +293,7 @@ def _vp_scale(sigma: float) -> float:
 
 
 def _install_table(sched, betas: np.ndarray) -> None:
-    """Replace the float32 VP table diffusers built with our float64 one, and what __init__ derived from it."""
+    """Replace diffusers' float32 VP table with our float64 one, and what __init__ derived from it."""
     b = torch.from_numpy(betas)
     sched.betas, sched.alphas = b, 1 - b
     sched.alphas_cumprod = ab = torch.cumprod(1 - b, dim=0)
@@ -285,7 +304,7 @@ def _install_table(sched, betas: np.ndarray) -> None:
         set_to_one = sched.config.get("set_alpha_to_one", True)
         sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if set_to_one else ab[0]
     if isinstance(getattr(sched, "sigmas", None), torch.Tensor) and len(sched.sigmas) == len(ab):
-        sched.sigmas = ((1 - ab) / ab).sqrt()  # the VP multistep schedulers' table (recomputed in set_timesteps)
+        sched.sigmas = ((1 - ab) / ab).sqrt()  # VP multistep schedulers (set_timesteps recomputes it)
 
 
 def _to_float64(sched) -> None:
@@ -294,33 +313,40 @@ def _to_float64(sched) -> None:
             setattr(sched, name, value.to(torch.float64))
 
 
-def _make_scheduler(spec: _DiffusersSpec, variant: str, steps: int, sigma_min: float, sigma_max: float):
+def _scheduler_factory(spec: _DiffusersSpec, variant: str, sigma_min: float, sigma_max: float):
+    """``make(steps)``: a scheduler with our table (or grid) and ``set_timesteps(steps)`` done, in float64.
+
+    The constructor runs once: some (KDPM2, Heun) call ``set_timesteps(1000)`` in ``__init__``, which is
+    slow, and the NFE search needs several step counts. Each ``make`` works on a fresh copy.
+    """
     import diffusers
 
     cls = getattr(diffusers, spec.cls)  # a dummy that raises on use when a backend (torchsde) is missing
     config = dict(spec.config)
     if spec.kind == "edm":
-        config.update(sigma_min=sigma_min, sigma_max=sigma_max)
-    elif spec.kind == "ipndm":  # trained_betas = the VP sigma_t at each of the steps + 1 sigmas
-        grid = (_karras if variant == "karras" else _exponential)(steps, sigma_min, sigma_max)
-        vp_sigma_t = np.append(grid / np.sqrt(1 + grid**2), 0.0)
-        config["trained_betas"] = vp_sigma_t.tolist()
-    else:
+        base = cls(**config, sigma_min=sigma_min, sigma_max=sigma_max)
+    elif spec.kind != "ipndm":
         betas = vp_betas(sigma_min, sigma_max)
-        config.update(num_train_timesteps=TRAIN_TIMESTEPS, trained_betas=betas.tolist())
-    sched = cls(**config)
-    if spec.kind == "ipndm":
-        sched.set_timesteps(steps)
-        sched.betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
-        sched.alphas = (1 - sched.betas**2).sqrt()
-    else:
-        if spec.kind != "edm":
-            _install_table(sched, betas)
-        sched.set_timesteps(steps)
-    _to_float64(sched)
-    if hasattr(sched, "set_begin_index"):  # step index by position, never by looking timesteps up
-        sched.set_begin_index(0)
-    return sched
+        base = cls(**config, num_train_timesteps=TRAIN_TIMESTEPS, trained_betas=betas.tolist())
+        _install_table(base, betas)
+
+    def make(steps: int):
+        if spec.kind == "ipndm":  # trained_betas = the VP sigma_t at each of the steps + 1 sigmas
+            grid = (_karras if variant == "karras" else _exponential)(steps, sigma_min, sigma_max)
+            vp_sigma_t = np.append(grid / np.sqrt(1 + grid**2), 0.0)
+            sched = cls(**config, trained_betas=vp_sigma_t.tolist())
+            sched.set_timesteps(steps)
+            sched.betas = torch.from_numpy(vp_sigma_t)
+            sched.alphas = (1 - sched.betas**2).sqrt()
+        else:
+            sched = copy.deepcopy(base)
+            sched.set_timesteps(steps)
+        _to_float64(sched)
+        if hasattr(sched, "set_begin_index"):  # step index by position, never by looking timesteps up
+            sched.set_begin_index(0)
+        return sched
+
+    return make
 
 
 def _sigma_now(sched, kind: str, t) -> float:
@@ -368,39 +394,50 @@ def _trace_diffusers(spec: _DiffusersSpec, variant: str, denoiser, noise, nfe_bu
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        steps = _largest_fitting(
-            nfe_budget, lambda n: len(_make_scheduler(spec, variant, n, sigma_min, sigma_max).timesteps)
-        )
-        sched = _make_scheduler(spec, variant, steps, sigma_min, sigma_max)
-        if "noise_sampler_seed" in sched.config:  # DPMSolverSDE's Brownian tree
-            sched.register_to_config(noise_sampler_seed=seed)
-        counter = _Counter(denoiser)
-        noise = noise.to(torch.float64)
-        vp = spec.kind in ("vp_t", "vp", "ipndm")
-        step_kwargs = dict(spec.step_kwargs)
-        if "generator" in inspect.signature(sched.step).parameters:
-            step_kwargs["generator"] = torch.Generator(noise.device).manual_seed(seed)
-        x = None
-        with _seeded(seed, noise.device), torch.no_grad():
-            for t in sched.timesteps:
-                sigma = _sigma_now(sched, spec.kind, t)
-                if x is None:  # the starting state, at the first sigma the scheduler evaluates
-                    if init == "matched":
-                        x = noise * sigma * (_vp_scale(sigma) if vp else 1.0)
-                    elif init == "native":
-                        x = noise * float(sched.init_noise_sigma)
-                    else:
-                        raise ValueError(f"init must be 'matched' or 'native', got {init!r}")
-                    x = x.as_subclass(_Float64)
-                sched.scale_model_input(x, t)  # the input a network would get; it also advances state
-                x_sigma = _plain(x / _vp_scale(sigma) if vp else x)
-                x0 = counter(x_sigma, x_sigma.new_full((x.shape[0],), sigma))
-                out = _model_output(spec.output, x0, x_sigma, sigma, sched)
-                x = sched.step(out, t, x, **step_kwargs).prev_sample
-        final_sigma = _final_sigma(sched, spec.kind)
-        return _Trace(_plain(x / _vp_scale(final_sigma) if vp else x), counter, final_sigma)
+        with warnings.catch_warnings():
+            _quiet_numpy_on_tensors()
+            return _run_diffusers(spec, variant, denoiser, noise, nfe_budget, sigma_min, sigma_max, seed,
+                                  init)
     finally:
         diffusers_logging.set_verbosity(verbosity)
+
+
+def _quiet_numpy_on_tensors() -> None:
+    """diffusers applies numpy to torch tensors (np.array(t), np.log(t)); numpy 2 warns about torch's
+    __array__/__array_wrap__ signatures each time."""
+    warnings.filterwarnings("ignore", r"__array(_wrap)?__ ", DeprecationWarning)
+
+
+def _run_diffusers(spec, variant, denoiser, noise, nfe_budget, sigma_min, sigma_max, seed, init) -> _Trace:
+    make = _scheduler_factory(spec, variant, sigma_min, sigma_max)
+    sched = make(_largest_fitting(nfe_budget, lambda n: len(make(n).timesteps)))
+    if "noise_sampler_seed" in sched.config:  # DPMSolverSDE's Brownian tree
+        sched.register_to_config(noise_sampler_seed=seed)
+    counter = _Counter(denoiser)
+    noise = noise.to(torch.float64)
+    vp = spec.kind in ("vp_t", "vp", "ipndm")
+    step_kwargs = dict(spec.step_kwargs)
+    if "generator" in inspect.signature(sched.step).parameters:
+        step_kwargs["generator"] = torch.Generator(noise.device).manual_seed(seed)
+    x = None
+    with _seeded(seed, noise.device), torch.no_grad():
+        for t in sched.timesteps:
+            sigma = _sigma_now(sched, spec.kind, t)
+            if x is None:  # the starting state, at the first sigma the scheduler evaluates
+                if init == "matched":
+                    x = noise * sigma * (_vp_scale(sigma) if vp else 1.0)
+                elif init == "native":
+                    x = noise * float(sched.init_noise_sigma)
+                else:
+                    raise ValueError(f"init must be 'matched' or 'native', got {init!r}")
+                x = x.as_subclass(_Float64)
+            sched.scale_model_input(x, t)  # the input a network would get; it also advances state
+            x_sigma = _plain(x / _vp_scale(sigma) if vp else x)
+            x0 = counter(x_sigma, x_sigma.new_full((x.shape[0],), sigma))
+            out = _model_output(spec.output, x0, x_sigma, sigma, sched)
+            x = sched.step(out, t, x, **step_kwargs).prev_sample
+    final_sigma = _final_sigma(sched, spec.kind)
+    return _Trace(_plain(x / _vp_scale(final_sigma) if vp else x), counter, final_sigma)
 
 
 # --- k-diffusion -----------------------------------------------------------------------------------
@@ -429,13 +466,13 @@ _K_SCHEDULES = {"karras": {}, "exponential": {}}
 
 def _trace_k(sampler: str, schedule: str, denoiser, noise, nfe_budget, sigma_min, sigma_max,
              *, seed: int = 0, init: str = "matched") -> _Trace:
-    import k_diffusion
+    from importlib.metadata import version
+
     from k_diffusion import sampling
 
     fn = getattr(sampling, f"sample_{sampler}", None)
     if fn is None:
-        version = getattr(k_diffusion, "__version__", "this version")
-        raise NotImplementedError(f"k-diffusion {version} has no sample_{sampler}")
+        raise NotImplementedError(f"k-diffusion {version('k-diffusion')} has no sample_{sampler}")
     counter = _Counter(denoiser)
     noise = noise.to(torch.float64)
     # float64 default dtype: get_sigmas_* and dpm_fast build their grids with torch.linspace/tensor.
@@ -445,7 +482,8 @@ def _trace_k(sampler: str, schedule: str, denoiser, noise, nfe_budget, sigma_min
             return _Trace(x, counter, sigma_min)
         nfe, _ = _K_SAMPLERS[sampler]
         steps = _largest_fitting(nfe_budget, nfe)
-        sigmas = getattr(sampling, f"get_sigmas_{schedule}")(steps, sigma_min, sigma_max, **_K_SCHEDULES[schedule])
+        get_sigmas = getattr(sampling, f"get_sigmas_{schedule}")
+        sigmas = get_sigmas(steps, sigma_min, sigma_max, **_K_SCHEDULES[schedule])
         sigmas = sigmas.to(noise.device, torch.float64)
         x = fn(counter, noise * sigmas[0], sigmas, disable=True)
     return _Trace(x, counter, 0.0)
@@ -503,5 +541,6 @@ def run_peer(runner: Runner | str, denoiser, noise, nfe_budget: int, sigma_min: 
                           time.perf_counter() - start)
     c = result.counter
     finite = bool(torch.isfinite(result.x0).all())
-    return PeerResult(runner.name, result.x0 if finite else None, c.calls, None if finite else "non-finite output",
-                      c.sigmas, result.final_sigma, time.perf_counter() - start)
+    return PeerResult(runner.name, result.x0 if finite else None, c.calls,
+                      None if finite else "non-finite output", c.sigmas, result.final_sigma,
+                      time.perf_counter() - start)

@@ -3,7 +3,8 @@
 ``x`` is already scaled by ``sigmas[0]``; ``sigmas`` is 1-D and decreasing, usually ending in 0. A
 solver calls ``denoiser(x, sigma (B,), **cond)`` once per function evaluation (NFE) with the whole batch,
 never at sigma = 0: a step into sigma = 0 returns the denoiser's last estimate (the Tweedie step, as
-EDM, k-diffusion and DPM-Solver do). Step coefficients are computed in float64 Python floats.
+EDM's and DPM-Solver's samplers do; k-diffusion's lms and the peers' ipndm instead extrapolate
+their multistep formula into 0, the only place where difflab's results differ from theirs). Step coefficients are computed in float64 Python floats.
 
 Notation: ``d = (x - D(x; sigma)) / sigma`` is the probability-flow ODE's slope dx/dsigma (EDM, Eq. 3),
 ``lambda = -log sigma`` the half log-SNR, and ``h = lambda_next - lambda`` a step in it.
@@ -214,7 +215,8 @@ def _multistep(
 
 @_nfe(lambda n: n)
 def lms(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback=None, order: int = 4, **cond):
-    """Linear multistep (Adams-Bashforth, variable step) on d in sigma, as k-diffusion's ``lms``."""
+    """Linear multistep (Adams-Bashforth, variable step) on d in sigma; k-diffusion's ``lms`` up to the
+    last step, which here is the Tweedie step."""
     return _multistep(denoiser, x, sigmas, order, False, callback, cond)
 
 
@@ -234,7 +236,8 @@ _IPNDM_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55
 @_nfe(lambda n: n)
 def ipndm(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback=None, **cond):
     """Improved PNDM (Zhang & Chen 2023, "DEIS", Sec. 5): 4th-order Adams-Bashforth with fixed coefficients
-    and lower-order warm-up, as diffusers' ``IPNDMScheduler`` and k-diffusion's ``ipndm``.
+    and lower-order warm-up, as diffusers' ``IPNDMScheduler`` and k-diffusion's ``ipndm`` (up to the
+    last step, which here is the Tweedie step).
 
     The fixed coefficients assume equal steps in sigma; on such grids it has order 4, on graded grids
     (Karras, log-linear) they cost it accuracy: prefer :func:`lms` or :func:`deis` there.
@@ -261,9 +264,10 @@ def _dpmpp(denoiser, x, sigmas, order, eta, s_noise, generator, callback, cond):
 
     Integrates ``x_next = e^-H x_scaled + int a e^{-a(h-u)} D(u) du`` (a = 1 + eta, H = a h) with D
     expanded to ``order - 1`` derivatives estimated from previous evaluations; eta = 1 adds the
-    matching noise (DPM-Solver++(2M) SDE, k-diffusion's ``dpmpp_2m_sde`` / ``dpmpp_3m_sde``).
-    The second-order term is the midpoint form diffusers and k-diffusion use; the third-order term is
-    the exact Taylor coefficient (H^2 - 2H + 2 - 2e^-H) / H^2 on d2 = h^2 D'' / 2.
+    matching noise (k-diffusion's ``dpmpp_2m_sde``). The second-order term is the midpoint form
+    diffusers and k-diffusion use. The third-order term is the exact Taylor coefficient
+    (H^2 - 2H + 2 - 2e^-H) / H^2 on d2 = h^2 D'' / 2; diffusers, k-diffusion and the DPM-Solver
+    reference code weigh it by half as much, which costs them the third order (see the tests).
     """
     s = _sigmas(sigmas)
     history: list[tuple[torch.Tensor, float]] = []  # (denoised, lambda) of earlier steps, newest first
@@ -323,7 +327,8 @@ def dpmpp_3m_sde(
     denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
     eta: float = 1.0, s_noise: float = 1.0, **cond,
 ):
-    """DPM-Solver++(3M) SDE: the 3rd-order multistep data-prediction SDE solver."""
+    """DPM-Solver++(3M) SDE, the 3rd-order multistep data-prediction SDE solver (Lu et al. 2022b), with
+    the exact third-order coefficient (so it differs from k-diffusion's ``dpmpp_3m_sde``)."""
     return _dpmpp(denoiser, x, sigmas, 3, eta, s_noise, generator, callback, cond)
 
 
