@@ -175,3 +175,20 @@ def test_solvers_stop_at_a_positive_final_sigma():
     exact = SOLVERS["rk4"](mixture, x, SCHEDULES["loglinear"](1000, 0.5, 80.0)[:-1])
     for name in ("heun", "dpmpp_2m", "unipc", "deis", "lms"):
         assert rms(SOLVERS[name](mixture, x, sigmas), exact) < 1e-3, name
+
+
+def test_low_precision_samples_get_full_precision_sigmas():
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append(sigma.dtype)
+        return torch.zeros_like(x)
+
+    out = SOLVERS["dpmpp_2m"](denoiser, torch.randn(2, 3, dtype=torch.bfloat16), SCHEDULES["karras"](3, 0.002, 80.0))
+    assert out.dtype == torch.bfloat16 and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("name", ["lms", "deis", "unipc"])
+def test_bad_orders_are_rejected(name):
+    with pytest.raises(ValueError, match="order must be a positive integer"):
+        SOLVERS[name](GaussianMixture.ring(), torch.zeros(2, 2), SCHEDULES["karras"](3, 0.002, 80.0), order=0)

@@ -3,8 +3,9 @@
 ``x`` is already scaled by ``sigmas[0]``; ``sigmas`` is 1-D and decreasing, usually ending in 0. A
 solver calls ``denoiser(x, sigma (B,), **cond)`` once per function evaluation (NFE) with the whole batch,
 never at sigma = 0: a step into sigma = 0 returns the denoiser's last estimate (the Tweedie step, as
-EDM's and DPM-Solver's samplers do; k-diffusion's lms and the peers' ipndm instead extrapolate
-their multistep formula into 0, the only place where difflab's results differ from theirs). Step coefficients are computed in float64 Python floats.
+EDM's and DPM-Solver's samplers do; k-diffusion's lms and the peers' ipndm instead extrapolate their
+multistep formula into 0, the only place where difflab's results differ from theirs). Step
+coefficients are computed in float64 Python floats; sigma reaches the denoiser in at least float32.
 
 Notation: ``d = (x - D(x; sigma)) / sigma`` is the probability-flow ODE's slope dx/dsigma (EDM, Eq. 3),
 ``lambda = -log sigma`` the half log-SNR, and ``h = lambda_next - lambda`` a step in it.
@@ -45,8 +46,14 @@ def _sigmas(sigmas: torch.Tensor) -> list[float]:
     return s.tolist()
 
 
+def _check_order(order: int) -> None:
+    if not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be a positive integer, got {order!r}")
+
+
 def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float, cond: dict) -> torch.Tensor:
-    return denoiser(x, x.new_full((x.shape[0],), sigma), **cond)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # a bfloat16 sigma would keep 3 digits
+    return denoiser(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device), **cond)
 
 
 def noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
@@ -196,6 +203,7 @@ def _multistep(
 ) -> torch.Tensor:
     """Adams-Bashforth on d with variable steps: extrapolate d by the polynomial through the last
     ``order`` slopes (in sigma or log-sigma) and integrate it exactly over the step."""
+    _check_order(order)
     s = _sigmas(sigmas)
     slopes: list[torch.Tensor] = []
     for i in range(len(s) - 1):
@@ -384,6 +392,7 @@ def unipc(
     The corrector UniC reuses the evaluation at each new point, so it raises the order by one at no
     extra NFE. Orders ramp up over the first steps and down over the last, as diffusers does.
     """
+    _check_order(order)
     s = _sigmas(sigmas)
     n = len(s) - 1
     history: list[tuple[torch.Tensor, float]] = []  # (denoised, lambda), newest first
