@@ -153,6 +153,25 @@ def print_table(name: str, summary) -> None:
               f"{ratio}{mark}")
 
 
+def markdown(results: dict) -> str:
+    """The summary tables as Markdown, for docs/benchmarks.md."""
+    lines = []
+    for name, result in results.items():
+        lines += [f"**{name}** ({result['description']}; MMD between two exact sample sets: "
+                  f"{result['mmd_floor']:.1e})", "",
+                  "| NFE | difflab best | RMSE | MMD | difflab, closed-form schedule | RMSE | best peer | RMSE | MMD "
+                  "| peer / difflab |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in result["summary"]:
+            ours, closed, peer = s["difflab"], s["difflab_closed_form"], s["peer"]
+            peer_cells = f"{peer['config']} | {peer['rmse']:.2e} | {peer['mmd']:.1e}" if peer else "- | - | -"
+            ratio = f"{s['peer_over_difflab']:.2f}x" if s["peer_over_difflab"] else "-"
+            ratio += " (missed)" if s["target_met"] is False else ""
+            lines.append(f"| {s['nfe']} | {ours['config']} | {ours['rmse']:.2e} | {ours['mmd']:.1e} | "
+                         f"{closed['config']} | {closed['rmse']:.2e} | {peer_cells} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot_case(name: str, result: dict, out_dir: Path) -> Path:
     series = {}
     for key, label in (("difflab", "difflab best"), ("difflab_closed_form", "difflab, closed-form schedules"),
@@ -175,8 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", default=".", help="regex selecting peers; 'none' for none")
     parser.add_argument("--no-optimized", action="store_true", help="skip the optimised schedule")
     parser.add_argument("--cache", type=Path, default=Path("out/bench-cache/optimized_schedules.json"))
-    parser.add_argument("--plots", type=Path, default=Path("out/benchmarks"), help="folder for the figures")
+    parser.add_argument("--plots", type=Path, default=Path("docs/figures"), help="folder for the figures")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--markdown", type=Path, help="write the summary tables here as Markdown")
     parser.add_argument("--quick", action="store_true", help="ring only, NFE 5 and 10, a few solvers")
     args = parser.parse_args(argv)
     if args.quick:
@@ -196,6 +216,9 @@ def main(argv=None) -> int:
     for name in cases:
         results[name] = run_case(name, args, peers)
         print(f"figure: {plot_case(name, results[name], args.plots)}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "sigma_min": SIGMA_MIN,

@@ -24,6 +24,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
         "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|dpmpp_2m)$", "--peers", "DPMSolverMultistep",
         "--samples", "200", "--search-samples", "64", "--reference-steps", "200",
         "--json", str(out), "--plots", str(tmp_path), "--cache", str(tmp_path / "cache.json"),
+        "--markdown", str(tmp_path / "table.md"),
     ])
     printed = capsys.readouterr().out
     assert "best endpoint RMSE per NFE budget" in printed
@@ -35,6 +36,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     (summary,) = result["summary"]
     assert summary["difflab"]["rmse"] <= summary["difflab_closed_form"]["rmse"]
     assert (tmp_path / "samplers_ring.png").exists()
+    assert "| 5 | " in (tmp_path / "table.md").read_text()
 
 
 def test_samplers_benchmark_rejects_unknown_cases(samplers_module):
