@@ -807,3 +807,15 @@ def test_gmm_fingerprint():
     c = GaussianMixture(means, a.stds, a.weights, labels=a.labels)
     assert c.fingerprint() != a.fingerprint()
     assert GaussianMixture(a.means.clone(), a.stds, a.weights).fingerprint() == a.fingerprint()
+
+
+def test_fit_recovers_a_well_separated_mixture():
+    truth = GaussianMixture(torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]]), torch.tensor([0.2, 0.3, 0.4]),
+                            torch.tensor([1.0, 2.0, 1.0]))
+    fitted = GaussianMixture.fit(truth.sample(6000, generator=torch.Generator().manual_seed(0)), components=3)
+    order = torch.cdist(truth.means, fitted.means).argmin(1)
+    torch.testing.assert_close(fitted.means[order], truth.means, atol=0.05, rtol=0)
+    torch.testing.assert_close(fitted.stds[order], truth.stds, atol=0.03, rtol=0)
+    torch.testing.assert_close(fitted.weights[order], truth.weights, atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        GaussianMixture.fit(torch.zeros(2, 2), components=3)
