@@ -99,8 +99,9 @@ def optimized(
 ) -> torch.Tensor:
     """Sigmas (steps + 1, last 0) that minimise ``solver``'s error on ``denoiser`` from noise of ``shape``.
 
-    ``shape`` is (batch, *sample_shape) of the noise used for the search: a few hundred samples for a
-    cheap proxy (a fitted mixture), a few dozen for a network. ``cache`` is True (default file), a path,
+    ``shape`` is (batch, *sample_shape) of the noise used for the search. The schedule is fitted to that
+    batch, so larger batches generalise better: a thousand or two for a cheap proxy (a fitted mixture),
+    as many as affordable for a network. ``cache`` is True (default file), a path,
     or False; the key combines ``cache_key`` (else the denoiser's fingerprint) with every setting.
     """
     _check(steps, sigma_min, sigma_max)
