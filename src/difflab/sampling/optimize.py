@@ -3,8 +3,9 @@
 In the spirit of "Align Your Steps" (Sabour et al. 2024) and GITS (Chen et al. 2024): start from the
 best closed-form schedule, then move the log-sigma steps to minimise the RMS distance between the
 solver's result and a fine reference solution of the probability-flow ODE from the same noise.
-sigma_max is kept; the last step before 0 may stay above sigma_min when that is more accurate (as
-"trailing" spacing does), never below. The error minimised is the accumulated local truncation error
+The steps stay within [sigma_min, sigma_max], but the first may start below sigma_max and the last
+stop above sigma_min when that is more accurate, as "leading" and "trailing" spacings do; samplers
+scale the noise by the first sigma, so ``sample()`` needs nothing else. The error minimised is the accumulated local truncation error
 of the whole trajectory, so multistep solvers are handled as faithfully as single-step ones.
 Derivative-free (Powell), so any denoiser and any solver works; results are cached to a small JSON
 file per model.
@@ -19,6 +20,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,16 @@ import torch
 from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
-from difflab.sampling.schedules import _append_zero, _check, karras, loglinear
+from difflab.sampling.schedules import _append_zero, _check, flow_shift, karras, loglinear, vp_trailing, vp_uniform
 from difflab.sampling.solvers import SOLVERS, STOCHASTIC, rk4
 
 log = logging.getLogger(__name__)
+
+
+_MIN_SHARE = 0.002
+_STARTING_POINTS = (
+    *(partial(karras, rho=rho) for rho in (3.0, 5.0, 7.0, 10.0)), loglinear, vp_uniform, vp_trailing, flow_shift,
+)
 
 
 def default_cache_path() -> Path:
@@ -60,23 +68,24 @@ def fingerprint(denoiser: Callable) -> str | None:
 
 
 def _sigmas_from_logits(logits: np.ndarray, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """Nodes from sigma_max down towards sigma_min: the log-sigma range is split into len(logits) + 1 gaps
-    by softmax(logits, 0); the last gap is the part of the range below the last node (left untraversed,
-    as "trailing" spacing does)."""
+    """Nodes within [sigma_min, sigma_max]: the log-sigma range is split into len(logits) + 1 gaps by
+    softmax(logits, 0). The first gap lies above the first node and the last below the last node; both
+    are left untraversed, as "leading" and "trailing" spacings do."""
     z = np.append(logits, 0.0)
-    gaps = np.exp(z - z.max())
-    gaps *= (math.log(sigma_max) - math.log(sigma_min)) / gaps.sum()
-    log_sigmas = math.log(sigma_max) - np.concatenate([[0.0], np.cumsum(gaps[:-1])])
-    sigmas = torch.from_numpy(np.exp(log_sigmas))
-    sigmas[0] = sigma_max
-    return _append_zero(sigmas.clamp(min=sigma_min))
+    shares = np.exp(z - z.max())
+    # Every gap keeps a small share of the range, so no step collapses to zero length.
+    shares = _MIN_SHARE + (1 - _MIN_SHARE * z.size) * shares / shares.sum()
+    gaps = (math.log(sigma_max) - math.log(sigma_min)) * shares
+    log_sigmas = math.log(sigma_max) - np.cumsum(gaps[:-1])
+    return _append_zero(torch.from_numpy(np.exp(log_sigmas)).clamp(sigma_min, sigma_max))
 
 
-def _logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float) -> np.ndarray:
+def _logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float, sigma_max: float) -> np.ndarray:
     log_nodes = np.log(sigmas[:-1].numpy())
-    gaps = np.append(-np.diff(log_nodes), log_nodes[-1] - math.log(sigma_min))
-    gaps = np.maximum(gaps, 1e-3 * gaps.sum())
-    return np.log(gaps[:-1]) - np.log(gaps[-1])
+    gaps = np.concatenate([[math.log(sigma_max) - log_nodes[0]], -np.diff(log_nodes),
+                           [log_nodes[-1] - math.log(sigma_min)]])
+    shares = np.maximum(gaps / gaps.sum() - _MIN_SHARE, 1e-3 * _MIN_SHARE)
+    return np.log(shares[:-1]) - np.log(shares[-1])
 
 
 def optimized(
@@ -126,23 +135,25 @@ def optimized(
             return torch.tensor(stored["sigmas"], dtype=torch.float64)
 
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=dtype, device=device) * sigma_max
+    noise = torch.randn(shape, generator=g, dtype=dtype, device=device)
     run = SOLVERS[solver]
     with torch.no_grad():
-        reference = reference_solution(denoiser, x, sigma_min, sigma_max, reference_steps, **cond)
+        reference = reference_solution(denoiser, noise * sigma_max, sigma_min, sigma_max, reference_steps, **cond)
 
         def error(sigmas: torch.Tensor) -> float:
+            x = noise * sigmas[0].item()
             result = run(denoiser, x, sigmas, generator=torch.Generator(x.device).manual_seed(seed), **cond)
             value = (result - reference).double().square().mean().sqrt().item()
             return value if math.isfinite(value) else math.inf
 
-        candidates = [karras(n, sigma_min, sigma_max, rho) for rho in (3.0, 5.0, 7.0, 10.0) for n in (steps, steps + 1)]
-        candidates += [loglinear(steps, sigma_min, sigma_max), loglinear(steps + 1, sigma_min, sigma_max)]
-        # Candidates with one step more end early: the last node before 0 stays above sigma_min.
-        candidates = [torch.cat([c[:steps], c.new_zeros(1)]) for c in candidates]
+        candidates = []
+        for schedule in _STARTING_POINTS:
+            # A grid one or two steps longer without its first or last nodes starts late or ends early.
+            for extra in (0, 1, 2):
+                grid = schedule(steps + extra, sigma_min, sigma_max)
+                candidates += [torch.cat([grid[k:steps + k], grid.new_zeros(1)]) for k in range(extra + 1)]
         best = min(candidates, key=error)
-        if steps > 1:
-            best = _powell(error, best, sigma_min, sigma_max, max_evals or 60 * steps, progress)
+        best = _powell(error, best, sigma_min, sigma_max, max_evals or 60 * steps, progress)
         best_error = error(best)
 
     if path is not None:
@@ -157,7 +168,7 @@ def _powell(error, start: torch.Tensor, sigma_min, sigma_max, max_evals: int, pr
         bar.update()
         return error(_sigmas_from_logits(np.clip(logits, -30, 30), sigma_min, sigma_max))
 
-    start_logits = _logits_from_sigmas(start, sigma_min)
+    start_logits = _logits_from_sigmas(start, sigma_min, sigma_max)
     result = minimize(objective, start_logits, method="Powell", options={"maxfev": max_evals, "xtol": 1e-3})
     bar.close()
     found = _sigmas_from_logits(np.clip(result.x, -30, 30), sigma_min, sigma_max)
