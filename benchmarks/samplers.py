@@ -163,15 +163,17 @@ def markdown(results: dict) -> str:
     for name, result in results.items():
         lines += [f"**{name}** ({result['description']}; MMD between two exact sample sets: "
                   f"{result['mmd_floor']:.1e})", "",
-                  "| NFE | difflab best | RMSE | MMD | difflab, closed-form schedule | RMSE | best peer | RMSE | MMD "
-                  "| peer / difflab |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| NFE | difflab best | RMSE | median | MMD | difflab, closed-form schedule | RMSE "
+                  "| best peer | RMSE | median | MMD | peer / difflab |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in result["summary"]:
             ours, closed, peer = s["difflab"], s["difflab_closed_form"], s["peer"]
-            peer_cells = f"{peer['config']} | {peer['rmse']:.2e} | {peer['mmd']:.1e}" if peer else "- | - | -"
+            peer_cells = (f"{peer['config']} | {peer['rmse']:.2e} | {peer['median_error']:.1e} | {peer['mmd']:.1e}"
+                          if peer else "- | - | - | -")
             ratio = f"{s['peer_over_difflab']:.2f}x" if s["peer_over_difflab"] else "-"
             ratio += " (missed)" if s["target_met"] is False else ""
-            lines.append(f"| {s['nfe']} | {ours['config']} | {ours['rmse']:.2e} | {ours['mmd']:.1e} | "
-                         f"{closed['config']} | {closed['rmse']:.2e} | {peer_cells} | {ratio} |")
+            lines.append(f"| {s['nfe']} | {ours['config']} | {ours['rmse']:.2e} | {ours['median_error']:.1e} | "
+                         f"{ours['mmd']:.1e} | {closed['config']} | {closed['rmse']:.2e} | {peer_cells} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
