@@ -5,8 +5,9 @@ best closed-form schedule, then move the log-sigma steps to minimise the RMS dis
 solver's result and a fine reference solution of the probability-flow ODE from the same noise.
 The steps stay within [sigma_min, sigma_max], but the first may start below sigma_max and the last
 stop above sigma_min when that is more accurate, as "leading" and "trailing" spacings do; samplers
-scale the noise by the first sigma, so ``sample()`` needs nothing else. The error minimised is the accumulated local truncation error
-of the whole trajectory, so multistep solvers are handled as faithfully as single-step ones.
+scale the noise by the first sigma, so ``sample()`` needs nothing else. The error minimised is the
+accumulated local truncation error of the whole trajectory, so multistep solvers are handled as
+faithfully as single-step ones.
 Derivative-free (Powell), so any denoiser and any solver works; results are cached to a small JSON
 file per model.
 """
@@ -34,7 +35,11 @@ from difflab.sampling.solvers import SOLVERS, STOCHASTIC, rk4
 log = logging.getLogger(__name__)
 
 
-_MIN_SHARE = 0.002
+def _min_share(gaps: int) -> float:
+    """The smallest share of the log-sigma range a gap may take, so that no step collapses."""
+    return min(0.002, 0.1 / gaps)
+
+
 _STARTING_POINTS = (
     *(partial(karras, rho=rho) for rho in (3.0, 5.0, 7.0, 10.0)), loglinear, vp_uniform, vp_trailing, flow_shift,
 )
@@ -73,8 +78,8 @@ def _sigmas_from_logits(logits: np.ndarray, sigma_min: float, sigma_max: float) 
     are left untraversed, as "leading" and "trailing" spacings do."""
     z = np.append(logits, 0.0)
     shares = np.exp(z - z.max())
-    # Every gap keeps a small share of the range, so no step collapses to zero length.
-    shares = _MIN_SHARE + (1 - _MIN_SHARE * z.size) * shares / shares.sum()
+    floor = _min_share(z.size)
+    shares = floor + (1 - floor * z.size) * shares / shares.sum()
     gaps = (math.log(sigma_max) - math.log(sigma_min)) * shares
     log_sigmas = math.log(sigma_max) - np.cumsum(gaps[:-1])
     return _append_zero(torch.from_numpy(np.exp(log_sigmas)).clamp(sigma_min, sigma_max))
@@ -84,7 +89,8 @@ def _logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float, sigma_max: float
     log_nodes = np.log(sigmas[:-1].numpy())
     gaps = np.concatenate([[math.log(sigma_max) - log_nodes[0]], -np.diff(log_nodes),
                            [log_nodes[-1] - math.log(sigma_min)]])
-    shares = np.maximum(gaps / gaps.sum() - _MIN_SHARE, 1e-3 * _MIN_SHARE)
+    floor = _min_share(gaps.size)
+    shares = np.maximum(gaps / gaps.sum() - floor, 1e-3 * floor)
     return np.log(shares[:-1]) - np.log(shares[-1])
 
 
