@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from difflab.diffusion import GaussianMixture  # noqa: E402
-from difflab.evaluation import mmd  # noqa: E402
+from difflab.evaluation import mmd, rmse  # noqa: E402
 from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
+from peers import PEERS, run_peer  # noqa: E402  (imports neither diffusers nor k-diffusion)
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 CLOSED_FORM = ("karras", "loglinear", "vp_uniform", "vp_trailing", "flow_shift")
@@ -51,11 +52,6 @@ CASES = {
     "image": ("1x16x16 image-shaped, 10 components", lambda: GaussianMixture.random(
         256, 10, std=0.1, spread=0.5, seed=7, sample_shape=(1, 16, 16))),
 }
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    value = (a.double() - b.double()).square().mean().sqrt().item()
-    return value if math.isfinite(value) else math.inf
 
 
 def run_case(name: str, args, peers: dict) -> dict:
@@ -104,8 +100,6 @@ def run_case(name: str, args, peers: dict) -> dict:
                 record("difflab", f"{solver}+{schedule}", x0, SOLVERS[solver].nfe(steps), budget,
                        time.perf_counter() - t0, solver in STOCHASTIC)
         for peer_name, runner in peers.items():
-            from peers import run_peer
-
             result = run_peer(runner, mixture, noise, budget, SIGMA_MIN, SIGMA_MAX)
             if result.x0 is None:
                 if budget == args.nfe[0]:
@@ -214,10 +208,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
     torch.set_num_threads(1)
 
-    import peers as peer_module
-
-    peers = {} if args.peers == "none" else {
-        n: r for n, r in peer_module.PEERS.items() if re.search(args.peers, n)}
+    peers = {} if args.peers == "none" else {n: r for n, r in PEERS.items() if re.search(args.peers, n)}
     results = {}
     for name in cases:
         results[name] = run_case(name, args, peers)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from difflab.diffusion import GaussianMixture
-from difflab.evaluation import mmd
+from difflab.evaluation import mmd, rmse
 from difflab.evaluation.plots import plot_error_vs_nfe, plot_sample_panels
 from difflab.sampling import SCHEDULES, SOLVERS, reference_solution, steps_for_nfe
 
@@ -40,12 +40,12 @@ def run_demo(out: str | Path, samples: int = 2000, nfe_grid=(3, 5, 8, 10, 15, 20
             steps = steps_for_nfe(solver, nfe)
             sigmas = schedule(schedule_name, solver, steps)
             result = SOLVERS[solver](mixture, noise * sigmas[0].item(), sigmas)
-            rmse = (result - reference).square().mean().sqrt().item()
-            errors.setdefault(label, []).append((SOLVERS[solver].nfe(steps), rmse))
+            error = rmse(result, reference)
+            errors.setdefault(label, []).append((SOLVERS[solver].nfe(steps), error))
             if nfe == panel_nfe:
                 panels[f"{label}, NFE {SOLVERS[solver].nfe(steps)}\nMMD {mmd(result, exact):.4f}"] = result
             if progress:
-                print(f"  {label:24s} NFE {SOLVERS[solver].nfe(steps):3d}  endpoint RMSE {rmse:.2e}")
+                print(f"  {label:24s} NFE {SOLVERS[solver].nfe(steps):3d}  endpoint RMSE {error:.2e}")
     plot_sample_panels(panels, out / "solvers.png")
     plot_error_vs_nfe(errors, out / "error_vs_nfe.png", title="8-mode ring: error against a fine ODE solution")
     return errors

@@ -1,5 +1,5 @@
 """Evaluation: distances between sample sets, and the plots that show them."""
 
-from difflab.evaluation.distances import mmd
+from difflab.evaluation.distances import mmd, rmse
 
-__all__ = ["mmd"]
+__all__ = ["mmd", "rmse"]

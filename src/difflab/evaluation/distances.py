@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root-mean-square difference of two batches, in float64; inf when either is not finite."""
+    value = (a.double() - b.double()).square().mean().sqrt().item()
+    return value if math.isfinite(value) else math.inf
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | None = None) -> float:

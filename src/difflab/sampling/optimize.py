@@ -29,6 +29,7 @@ import torch
 from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
+from difflab.evaluation import rmse
 from difflab.sampling.schedules import _append_zero, _check, flow_shift, karras, loglinear, vp_trailing, vp_uniform
 from difflab.sampling.solvers import SOLVERS, STOCHASTIC, rk4
 
@@ -148,9 +149,8 @@ def optimized(
 
         def error(sigmas: torch.Tensor) -> float:
             x = noise * sigmas[0].item()
-            result = run(denoiser, x, sigmas, generator=torch.Generator(x.device).manual_seed(seed), **cond)
-            value = (result - reference).double().square().mean().sqrt().item()
-            return value if math.isfinite(value) else math.inf
+            return rmse(run(denoiser, x, sigmas, generator=torch.Generator(x.device).manual_seed(seed), **cond),
+                        reference)
 
         candidates = []
         for schedule in _STARTING_POINTS:
@@ -158,16 +158,17 @@ def optimized(
             for extra in (0, 1, 2):
                 grid = schedule(steps + extra, sigma_min, sigma_max)
                 candidates += [torch.cat([grid[k:steps + k], grid.new_zeros(1)]) for k in range(extra + 1)]
-        best = min(candidates, key=error)
-        best = _powell(error, best, sigma_min, sigma_max, max_evals or 60 * steps, progress)
-        best_error = error(best)
+        best_error, best = min(((error(c), c) for c in candidates), key=lambda pair: pair[0])
+        best, best_error = _powell(error, best, best_error, sigma_min, sigma_max, max_evals or 60 * steps, progress)
 
     if path is not None:
         _write_cache(path, key, {"sigmas": best.tolist(), "rms_error": best_error})
     return best
 
 
-def _powell(error, start: torch.Tensor, sigma_min, sigma_max, max_evals: int, progress: bool) -> torch.Tensor:
+def _powell(error, start: torch.Tensor, start_error: float, sigma_min, sigma_max, max_evals: int,
+            progress: bool) -> tuple[torch.Tensor, float]:
+    """Powell's search from ``start``; returns the better of the two schedules and its error."""
     bar = tqdm(total=max_evals, desc="optimising schedule", disable=not progress, leave=False)
 
     def objective(logits: np.ndarray) -> float:
@@ -177,8 +178,9 @@ def _powell(error, start: torch.Tensor, sigma_min, sigma_max, max_evals: int, pr
     start_logits = _logits_from_sigmas(start, sigma_min, sigma_max)
     result = minimize(objective, start_logits, method="Powell", options={"maxfev": max_evals, "xtol": 1e-3})
     bar.close()
-    found = _sigmas_from_logits(np.clip(result.x, -30, 30), sigma_min, sigma_max)
-    return found if error(found) < error(start) else start
+    if result.fun < start_error:  # result.fun is the error at result.x
+        return _sigmas_from_logits(np.clip(result.x, -30, 30), sigma_min, sigma_max), float(result.fun)
+    return start, start_error
 
 
 def _read_cache(path: Path) -> dict:
