@@ -183,10 +183,20 @@ def plot_case(name: str, result: dict, out_dir: Path) -> Path:
                              title=f"{name}: {result['description']}")
 
 
+def _budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(n) for n in text.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return budgets
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--nfe", default="3,5,8,10,15,20,35,50", help="NFE budgets")
+    parser.add_argument("--nfe", type=_budgets, default="3,5,8,10,15,20,35,50", help="NFE budgets")
     parser.add_argument("--samples", type=int, default=1000, help="noise samples evaluated (and exact samples)")
     parser.add_argument("--search-samples", type=int, default=512, help="noise samples for the schedule search")
     parser.add_argument("--reference-steps", type=int, default=1000, help="RK4 steps of the reference solution")
@@ -200,8 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="ring only, NFE 5 and 10, a few solvers")
     args = parser.parse_args(argv)
     if args.quick:
-        args.cases, args.nfe, args.solvers = "ring", "5,10", "^(euler|dpmpp_2m|unipc)$"
-    args.nfe = [int(n) for n in args.nfe.split(",")]
+        args.cases, args.nfe, args.solvers = "ring", [5, 10], "^(euler|dpmpp_2m|unipc)$"
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)
     if unknown:

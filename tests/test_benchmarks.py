@@ -39,6 +39,9 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     assert "| 5 | " in (tmp_path / "table.md").read_text()
 
 
-def test_samplers_benchmark_rejects_unknown_cases(samplers_module):
-    with pytest.raises(SystemExit):
-        samplers_module.main(["--cases", "nope"])
+@pytest.mark.parametrize("args, message", [(["--cases", "nope"], "unknown case(s) nope"),
+                                           (["--nfe", "3,x"], "expected comma-separated positive integers")])
+def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        samplers_module.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

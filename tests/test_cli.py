@@ -30,6 +30,18 @@ def test_bad_cli_values_get_a_one_line_error(value, capsys):
     assert f"expected a positive integer, got '{value}'" in capsys.readouterr().err
 
 
+def test_unusable_output_folders_get_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("difflab demo: error: argument --out: cannot create output folder")
+    assert blocker.read_text() == "keep me"
+
+
 def test_demo_writes_pictures_and_the_optimized_schedule_wins(tmp_path):
     errors = run_demo(tmp_path, samples=300, nfe_grid=(5,), panel_nfe=5, progress=False)
     assert (tmp_path / "solvers.png").stat().st_size > 10_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,11 +40,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _output_dir(text: str) -> Path:
+    """A folder to write into, created if missing; checked before any work starts."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot create output folder {text!r}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"output folder {text!r} is not writable")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description="Diffusion models for images and video.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     demo = verbs.add_parser("demo", help="compare solvers on an exact Gaussian-mixture denoiser, write pictures")
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    demo.add_argument("--out", type=_output_dir, default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--samples", type=_positive_int, default=2000, help="samples per solver (default: 2000)")
     demo.set_defaults(run=_demo)
     listing = verbs.add_parser("solvers", help="list the solvers and sigma schedules")
