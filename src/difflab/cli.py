@@ -30,6 +30,41 @@ def _solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_info(args: argparse.Namespace) -> int:
+    from difflab.models.factory import load_config_file, model_info
+
+    try:
+        mapping = load_config_file(args.config) if args.config.endswith((".yaml", ".yml")) else {"preset": args.config}
+        mapping.update(args.set)
+        info = model_info(mapping, text_tokens=args.text_tokens)
+    except (ValueError, TypeError) as exc:
+        print(f"difflab model-info: error: {exc}", file=sys.stderr)
+        return 2
+    rows = [
+        ("network", info["arch"]),
+        ("input (per sample)", " x ".join(map(str, info["input_shape"]))),
+        ("parameters", f"{info['parameters'] / 1e6:,.2f} M"),
+        ("forward FLOPs / sample", f"{info['forward_flops'] / 1e9:,.3f} GFLOP"),
+        ("training step FLOPs / sample", f"{info['train_flops'] / 1e9:,.3f} GFLOP  (forward + backward)"),
+        ("activation memory / sample", f"{info['activation_bytes'] / 2**20:,.1f} MiB  (saved for backward)"),
+    ]
+    for name, value in rows:
+        print(f"{name:30s}{value}")
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -61,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     listing = verbs.add_parser("solvers", help="list the solvers and sigma schedules")
     listing.set_defaults(run=_solvers)
+    info = verbs.add_parser("model-info", help="parameters, FLOPs and activation memory of a network config")
+    info.add_argument("config", help="a preset name (e.g. dit_s_2, unet_32) or a YAML file with a model: section")
+    info.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                      help="override a model key, e.g. --set resolution=64 (repeatable)")
+    info.add_argument("--text-tokens", type=_positive_int, default=77, help="prompt length for text models")
+    info.set_defaults(run=_model_info)
     return parser
 
 

@@ -1,0 +1,254 @@
+"""U-Net denoiser in the ADM / EDM family, for images (B, C, H, W) and video (B, C, T, H, W).
+
+Residual blocks with scale-shift adaptive normalisation from the conditioning vector (Dhariwal & Nichol
+2021, "ADM", Sec. 3), self-attention (and cross-attention to a prompt) at chosen resolutions, skip
+connections between the two paths, zero-initialised residual outputs and output layer. The video form
+factorises space and time (Ho et al. 2022, "Video Diffusion Models"; Blattmann et al. 2023, "Align your
+Latents"): every frame goes through the image layers, and a zero-initialised temporal layer (attention
+along frames, or a convolution over time) follows each spatial block, so an image model is the video
+model's starting point and shares its code and weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.conditioning import ConditionEmbedding
+from difflab.models.layers import Attention, group_norm, maybe_checkpoint, rope_table, zero_init
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of :class:`UNet` (field names are the config-file keys)."""
+
+    in_channels: int = 3
+    out_channels: int | None = None  # defaults to in_channels
+    concat_channels: int = 0  # extra input channels: masks, low-resolution or control images
+    resolution: int = 32  # input height/width; fixes which levels get attention
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    mid_attention: bool = True
+    head_dim: int = 64
+    norm_groups: int = 32
+    dropout: float = 0.0
+    noise_embedding: str = "positional"
+    num_classes: int = 0
+    text_dim: int = 0
+    temporal: str | None = None  # video form: "attention" or "conv" after each spatial block
+    frames: int | None = None  # clip length for model-info; any length runs
+    checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.temporal not in (None, "attention", "conv"):
+            raise ValueError(f"temporal must be attention, conv or null, got {self.temporal!r}")
+        if self.resolution % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channel_mult) - 1}")
+
+
+class Context(NamedTuple):
+    """What every layer may need besides the features: conditioning vector, prompt context, clip length."""
+
+    emb: torch.Tensor  # (B*T, E)
+    context: torch.Tensor | None  # (B*T, L, D)
+    context_mask: torch.Tensor | None  # (B*T, L)
+    frames: int  # 1 for images
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the second norm is modulated by (1 + scale, shift) from the embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(ctx.emb))[:, :, None, None].chunk(2, dim=1)
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels of each frame, then cross-attention to the prompt when there is one."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int, context_dim: int | None):
+        super().__init__()
+        heads = max(channels // head_dim, 1)
+        self.norm = group_norm(channels, groups)
+        self.attn = Attention(channels, heads, zero_out=True)
+        if context_dim is not None:
+            self.cross_norm = nn.LayerNorm(channels)
+            self.cross = Attention(channels, heads, context_dim=context_dim, zero_out=True)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = tokens + self.attn(self.norm(x).flatten(2).transpose(1, 2))
+        if ctx.context is not None:
+            tokens = tokens + self.cross(self.cross_norm(tokens), ctx.context, ctx.context_mask)
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class TemporalLayer(nn.Module):
+    """Mixes information across frames at every pixel; zero-initialised, so it starts as the identity."""
+
+    def __init__(self, channels: int, kind: str, head_dim: int, groups: int):
+        super().__init__()
+        self.kind = kind
+        self.norm = group_norm(channels, groups)
+        if kind == "attention":
+            self.attn = Attention(channels, max(channels // head_dim, 1), zero_out=True)
+        else:
+            self.conv = zero_init(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if ctx.frames == 1:
+            return x
+        frames, (bt, channels, height, width) = ctx.frames, x.shape
+        h = self.norm(x).view(bt // frames, frames, channels, height, width)
+        if self.kind == "conv":
+            h = self.conv(F.silu(h.transpose(1, 2))).transpose(1, 2)  # conv over (B, C, T, H, W)
+            return x + h.reshape(bt, channels, height, width)
+        tokens = h.permute(0, 3, 4, 1, 2).reshape(-1, frames, channels)  # (B*H*W, T, C)
+        rope = rope_table((frames,), channels // self.attn.heads, device=x.device)
+        h = self.attn(tokens, rope=rope).view(bt // frames, height, width, frames, channels)
+        return x + h.permute(0, 3, 4, 1, 2).reshape(bt, channels, height, width)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Unit(nn.Sequential):
+    """A residual block with its optional attention and temporal layers, run (and checkpointed) as one."""
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, ctx)
+        return x
+
+
+class UNet(nn.Module):
+    """``network(x, c_noise, class_labels=, text=, text_mask=, concat=) -> output`` of ``x``'s shape."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        emb_dim = 4 * c.channels
+        self.embed = ConditionEmbedding(
+            emb_dim, noise_embedding=c.noise_embedding, num_classes=c.num_classes, text_dim=c.text_dim,
+        )
+        context_dim = emb_dim if c.text_dim else None
+        widths = [c.channels * m for m in c.channel_mult]
+
+        def unit(in_ch: int, out_ch: int, attention: bool) -> Unit:
+            layers = [ResBlock(in_ch, out_ch, emb_dim, c.norm_groups, c.dropout)]
+            if attention:
+                layers.append(AttentionBlock(out_ch, c.head_dim, c.norm_groups, context_dim))
+            if c.temporal:
+                layers.append(TemporalLayer(out_ch, c.temporal, c.head_dim, c.norm_groups))
+            return Unit(*layers)
+
+        self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, ch, res = [widths[0]], widths[0], c.resolution
+        for level, width in enumerate(widths):
+            for _ in range(c.blocks_per_level):
+                self.down.append(unit(ch, width, res in c.attention_resolutions))
+                ch = width
+                skips.append(ch)
+            if level < len(widths) - 1:
+                self.down.append(Unit(Downsample(ch)))
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([unit(ch, ch, c.mid_attention), unit(ch, ch, False)])
+        self.up = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            for _ in range(c.blocks_per_level + 1):
+                self.up.append(unit(ch + skips.pop(), width, res in c.attention_resolutions))
+                ch = width
+            if level > 0:
+                self.up.append(Unit(Upsample(ch)))
+                res *= 2
+        self.norm_out = group_norm(ch, c.norm_groups)
+        self.conv_out = zero_init(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = self.config
+        x = _with_concat(x, concat, c.concat_channels)
+        video = x.ndim == 5
+        if video and not c.temporal:
+            raise ValueError("got a video batch (B, C, T, H, W) but this U-Net has no temporal layers (temporal: null)")
+        if not video and x.ndim != 4:
+            raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W) input, got shape {tuple(x.shape)}")
+        frames = x.shape[2] if video else 1
+        if video:  # (B, C, T, H, W) -> (B*T, C, H, W): the spatial layers see every frame as an image.
+            x = x.transpose(1, 2).flatten(0, 1)
+        emb, context, mask = self.embed(c_noise, class_labels, text, text_mask)
+        if video:
+            emb, context, mask = (None if t is None else t.repeat_interleave(frames, 0) for t in (emb, context, mask))
+        ctx = Context(emb.to(x.dtype), context, mask, frames)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for unit in self.down:
+            h = maybe_checkpoint(c.checkpointing, unit, h, ctx)
+            skips.append(h)
+        for unit in self.mid:
+            h = maybe_checkpoint(c.checkpointing, unit, h, ctx)
+        for unit in self.up:
+            if isinstance(unit[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = maybe_checkpoint(c.checkpointing, unit, h, ctx)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if video:
+            out = out.unflatten(0, (-1, frames)).transpose(1, 2)
+        return out
+
+
+def _with_concat(x: torch.Tensor, concat: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """Append the concatenated-condition channels to the input, checking their shape."""
+    if concat is None:
+        if channels:
+            raise TypeError(f"this network expects concat= with {channels} extra channels")
+        return x
+    expected = (x.shape[0], channels, *x.shape[2:])
+    if not channels or tuple(concat.shape) != expected:
+        raise ValueError(f"concat must have shape {expected}, got {tuple(concat.shape)}")
+    return torch.cat([x, concat.to(x.dtype)], dim=1)
