@@ -45,3 +45,38 @@ def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args,
     with pytest.raises(SystemExit) as exit_info:
         samplers_module.main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture
+def models_module(monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import models
+
+    yield models
+    sys.modules.pop("models", None)
+
+
+def test_models_benchmark_smoke(models_module, tmp_path, capsys):
+    out = tmp_path / "models.json"
+    models_module.main(["--quick", "--json", str(out)])
+    assert "difflab / diffusers images/s" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["matmul_peak_gflops"] > 0
+    for case in ("unet", "dit"):
+        result = report["cases"][case]
+        assert result["speed_ratio"] > 0
+        for system in ("difflab", "diffusers"):
+            figures = result["systems"][system]
+            assert figures["parameters"] > 0 and figures["train_flops_per_image"] > 0
+            assert figures["images_per_second"] > 0 and 0 < figures["peak_fraction"]
+            # At least the weights, their gradients and AdamW's two moments are live at the peak.
+            assert figures["memory_bytes"] >= 4 * 4 * figures["parameters"]
+
+
+@pytest.mark.parametrize("args, message", [(["--cases", "vit"], "unknown case(s) vit"),
+                                           (["--batch", "0"], "--batch must be a positive integer")])
+def test_models_benchmark_rejects_bad_arguments(models_module, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        models_module.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

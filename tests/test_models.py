@@ -188,11 +188,14 @@ def test_construction_is_deterministic_with_a_seed():
 
 
 def test_channels_last_gives_the_same_output():
-    network = randomize(build_network(UNET))
-    x, c_noise, _ = inputs(cond=False)
-    expected = network(x, c_noise)
-    network = network.to(memory_format=torch.channels_last)
-    torch.testing.assert_close(network(x.contiguous(memory_format=torch.channels_last), c_noise), expected)
+    outputs = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        network = randomize(build_network(dict(UNET, temporal="conv", channels_last=channels_last)))
+        assert network.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        outputs.append([network(*inputs(cond=False)[:2]), network(*inputs(frames=2, cond=False)[:2])])
+    for contiguous, nhwc in zip(*outputs, strict=True):
+        torch.testing.assert_close(contiguous, nhwc)
 
 
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])

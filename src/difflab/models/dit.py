@@ -80,10 +80,10 @@ class DiTBlock(nn.Module):
         # x (B, N, D); cond = SiLU(c) (B, D); groups = (frames, temporal): frames > 1 factorises attention.
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
-        x = x + gate1 * self._self_attention(h, rope, groups)
+        x = torch.addcmul(x, gate1, self._self_attention(h, rope, groups))
         if context is not None:
             x = x + self.cross(self.cross_norm(x), context, context_mask)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
     def _self_attention(self, h, rope, groups):
         frames, temporal = groups
