@@ -3,9 +3,10 @@
 For each pair of networks at the same widths, depths and attention placement it reports parameters,
 FLOPs per image of a training step (forward + backward, counted by FlopCounterMode), the step rate of
 forward + backward + AdamW (fused) at a fixed batch, the achieved GFLOP/s and its fraction of this
-machine's matmul peak (measured in the same run), and the peak memory a training step adds on top of the
-weights. The machine is shared and noisy, so the two networks alternate step by step (A B A B ...) and
-the headline is the median of the per-pair speed ratios.
+machine's matmul peak, and the peak tensor memory of a training step. The machine is shared and noisy,
+so the two networks alternate step by step with a matmul-peak probe after each pair (A B P A B P ...):
+the speed ratio and each network's share of the peak are medians of per-pair ratios, so a slow spell
+on the machine slows numerator and denominator alike.
 
     .venv/bin/python benchmarks/models.py --json out/bench/models.json                 # CPU, float32
     python benchmarks/models.py --device cuda --dtype bfloat16 --compile --batch 256   # a GPU
@@ -123,11 +124,10 @@ def timed(step, device) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
-    """The best GFLOP/s of a square matmul in the benchmark's dtype: the machine's practical peak."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 3) -> float:
+    """The best GFLOP/s of a few square matmuls in the benchmark's dtype: the machine's practical peak now."""
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    times = [timed(lambda: a @ b, device) for _ in range(repeats + 3)][3:]
-    return 2 * size**3 / min(times) / 1e9
+    return 2 * size**3 / min(timed(lambda: a @ b, device) for _ in range(repeats)) / 1e9
 
 
 def training_flops(step_forward, batch: int) -> float:
@@ -152,8 +152,9 @@ def peak_memory(model, step) -> float:
     return float(sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values()))
 
 
-def run_case(name: str, args, peak: float) -> dict:
+def run_case(name: str, args) -> dict:
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     case = case_config(name, args.quick)
     torch.manual_seed(0)
     rows = {}
@@ -172,28 +173,31 @@ def run_case(name: str, args, peak: float) -> dict:
     for _ in range(args.warmup):
         for row in rows.values():
             row["step"]()
-    ratios = []
-    for _ in range(args.steps):  # A B A B ...: both see the same machine state
-        a, b = (timed(rows[s]["step"], device) for s in ("difflab", "diffusers"))
-        rows["difflab"]["times"].append(a)
-        rows["diffusers"]["times"].append(b)
-        ratios.append(b / a)
-    result = dict(title=case["title"], speed_ratio=statistics.median(ratios), systems={})
+    matmul_peak(device, dtype, args.peak_size)  # warm the matmul kernels
+    peaks = []
+    for _ in range(args.steps):  # A B P A B P ...: all three see the same machine state
+        for row in rows.values():
+            row["times"].append(timed(row["step"], device))
+        peaks.append(matmul_peak(device, dtype, args.peak_size))
+    ours, theirs = rows["difflab"]["times"], rows["diffusers"]["times"]
+    result = dict(title=case["title"], speed_ratio=statistics.median(b / a for a, b in zip(ours, theirs, strict=True)),
+                  matmul_peak_gflops=dict(median=statistics.median(peaks), best=max(peaks)), systems={})
     for system, row in rows.items():
         seconds = statistics.median(row["times"])
-        achieved = row["flops"] * args.batch / seconds / 1e9
+        flops = row["flops"] * args.batch
         result["systems"][system] = dict(
             parameters=row["parameters"], train_flops_per_image=row["flops"], images_per_second=args.batch / seconds,
-            step_seconds=seconds, gflops=achieved, peak_fraction=achieved / peak,
+            step_seconds=seconds, gflops=flops / seconds / 1e9,
+            peak_fraction=statistics.median(flops / t / 1e9 / p for t, p in zip(row["times"], peaks, strict=True)),
             memory_bytes=peak_memory(row["model"], row["step"]) if args.memory else None,
         )
         del row["model"], row["step"]
     return result
 
 
-def print_table(results: dict, args, peak: float) -> None:
+def print_table(results: dict, args) -> None:
     print(f"\ntraining step: batch {args.batch}, {args.dtype}, {args.device}"
-          f"{' + torch.compile' if args.compile else ''}, {args.threads} threads; matmul peak {peak:.1f} GFLOP/s")
+          f"{' + torch.compile' if args.compile else ''}, {args.threads} threads")
     header = (f"{'case':34s} {'system':10s} {'params':>9s} {'GFLOP/img':>10s} {'img/s':>8s} {'GFLOP/s':>8s}"
               f" {'of peak':>8s} {'memory':>10s}")
     print(header)
@@ -204,7 +208,8 @@ def print_table(results: dict, args, peak: float) -> None:
             print(f"{result['title'][:34]:34s} {system:10s} {s['parameters'] / 1e6:8.2f}M "
                   f"{s['train_flops_per_image'] / 1e9:10.3f} {s['images_per_second']:8.2f} {s['gflops']:8.1f} "
                   f"{s['peak_fraction']:7.1%} {memory:>10s}")
-        print(f"{'':34s} difflab / diffusers images/s: {result['speed_ratio']:.3f} (median of {args.steps} A/B pairs)")
+        print(f"{'':34s} difflab / diffusers images/s: {result['speed_ratio']:.3f} (median of {args.steps} A/B pairs);"
+              f" matmul peak {result['matmul_peak_gflops']['median']:.0f} GFLOP/s (median)")
 
 
 def parse_args(argv):
@@ -219,7 +224,7 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for both U-Nets")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory count")
-    parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak measurement")
+    parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the matmul-peak probe")
     parser.add_argument("--quick", action="store_true", help="tiny networks and few steps (a smoke test)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
@@ -239,20 +244,13 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    peak = matmul_peak(device, dtype, args.peak_size)
-    results = {name: run_case(name, args, peak) for name in args.cases}
-    peak = max(peak, matmul_peak(device, dtype, args.peak_size))  # measured again after: the better of the two
-    for result in results.values():
-        for s in result["systems"].values():
-            s["peak_fraction"] = s["gflops"] / peak
-    print_table(results, args, peak)
+    results = {name: run_case(name, args) for name in args.cases}
+    print_table(results, args)
     report = dict(
         settings=dict(batch=args.batch, dtype=args.dtype, device=args.device, compile=args.compile,
                       threads=args.threads, steps=args.steps, channels_last=args.channels_last,
                       torch=torch.__version__, diffusers=__import__("diffusers").__version__),
-        matmul_peak_gflops=peak, cases=results,
+        cases=results,
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

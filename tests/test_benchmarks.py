@@ -62,10 +62,9 @@ def test_models_benchmark_smoke(models_module, tmp_path, capsys):
     models_module.main(["--quick", "--json", str(out)])
     assert "difflab / diffusers images/s" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["matmul_peak_gflops"] > 0
     for case in ("unet", "dit"):
         result = report["cases"][case]
-        assert result["speed_ratio"] > 0
+        assert result["speed_ratio"] > 0 and result["matmul_peak_gflops"]["best"] > 0
         for system in ("difflab", "diffusers"):
             figures = result["systems"][system]
             assert figures["parameters"] > 0 and figures["train_flops_per_image"] > 0

@@ -1,6 +1,7 @@
 """The difflab command and the demo."""
 
 import pytest
+import torch
 
 from difflab.cli import main
 from difflab.demo import run_demo
@@ -11,7 +12,7 @@ def test_help_lists_the_verbs(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "solvers" in out
+    assert "demo" in out and "solvers" in out and "model-info" in out
 
 
 def test_solvers_lists_every_registry_entry(capsys):
@@ -56,10 +57,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     import re
 
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example, networks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert len(example.strip().splitlines()) <= 12
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["x0_fast"].shape == (1000, 2)
     assert (tmp_path / "optimized_schedules.json").exists()
+    exec(compile(networks, "README.md", "exec"), namespace)
+    assert namespace["video"](torch.zeros(1, 3, 2, 16, 16), torch.ones(1)).shape == (1, 3, 2, 16, 16)

@@ -129,6 +129,7 @@ def test_drop_condition_replaces_labels_and_prompts_per_sample():
     assert torch.equal(null_labels, null_text)
     assert 0.2 < null_labels.float().mean() < 0.3
     assert drop_condition(cond, 0.0) is cond
+    assert drop_condition({"concat": torch.zeros(2, 1)}, 0.5)["concat"].shape == (2, 1)  # nothing to drop
 
 
 def test_conditioning_errors_are_clear():
@@ -276,7 +277,6 @@ def test_dit_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x, c_noise, **cond), network(x, c_noise, **cond))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dit_sincos", "unet"])
 def test_inductor_compile_matches_eager(name):
     network = randomize(build_network(CASES[name]))

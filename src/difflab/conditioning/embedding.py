@@ -42,10 +42,10 @@ def null_condition(cond: dict) -> dict:
 
 def drop_condition(cond: dict, probability: float, generator: torch.Generator | None = None) -> dict:
     """Replace each sample's labels and prompt by the null condition with the given probability (CFG training)."""
-    if probability <= 0:
+    droppable = [cond[key] for key in ("class_labels", "text") if cond.get(key) is not None]
+    if probability <= 0 or not droppable:
         return cond
-    batch = next(v.shape[0] for v in cond.values() if isinstance(v, torch.Tensor))
-    device = next(v.device for v in cond.values() if isinstance(v, torch.Tensor))
+    batch, device = droppable[0].shape[0], droppable[0].device
     drop = torch.rand(batch, generator=generator, device=device) < probability
     dropped = dict(cond)
     if cond.get("class_labels") is not None:
