@@ -277,6 +277,7 @@ def test_dit_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x, c_noise, **cond), network(x, c_noise, **cond))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside inductor
 @pytest.mark.parametrize("name", ["dit_sincos", "unet"])
 def test_inductor_compile_matches_eager(name):
     network = randomize(build_network(CASES[name]))
