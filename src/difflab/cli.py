@@ -31,12 +31,12 @@ def _solvers(args: argparse.Namespace) -> int:
 
 
 def _model_info(args: argparse.Namespace) -> int:
+    from difflab.config import apply_overrides
     from difflab.models.factory import load_config_file, model_info
 
     try:
         mapping = load_config_file(args.config) if args.config.endswith((".yaml", ".yml")) else {"preset": args.config}
-        mapping.update(args.set)
-        info = model_info(mapping, text_tokens=args.text_tokens)
+        info = model_info(apply_overrides(mapping, args.set), text_tokens=args.text_tokens)
     except (ValueError, TypeError) as exc:
         print(f"difflab model-info: error: {exc}", file=sys.stderr)
         return 2
@@ -53,16 +53,71 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def _config_path(text: str) -> Path:
+    """A YAML file, or the name of a preset in ./configs (``digits`` -> configs/digits.yaml)."""
+    path = Path(text)
+    if not path.exists() and not path.suffix and Path("configs", f"{text}.yaml").exists():
+        path = Path("configs", f"{text}.yaml")
+    return path
+
+
+def _train(args: argparse.Namespace) -> int:
     import yaml
 
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    from difflab.config import load_yaml
+    from difflab.training import Trainer, TrainingError, resolve
+    from difflab.training.trainer import config_yaml
+
+    if args.config is None and not args.resume:
+        print("difflab train: error: give a CONFIG (a YAML file or a preset in configs/)", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path("runs", _config_path(args.config).stem)
     try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+        saved = run_dir / "config.yaml"
+        if args.resume and saved.exists():
+            if args.config is not None:
+                print(f"difflab train: resuming {run_dir} with its own config.yaml ({args.config} is not re-read)")
+            mapping = load_yaml(saved)
+        else:
+            mapping = load_yaml(_config_path(args.config))
+        config = resolve(mapping, args.set)
+        if args.dry_run:
+            print(config_yaml(config), end="")
+            return 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"difflab train: {run_dir}")
+        Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress).fit()
+    except (ValueError, FileExistsError, FileNotFoundError, yaml.YAMLError) as exc:
+        print(f"difflab train: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"difflab train: stopped: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _class_label(text: str) -> int | str | None:
+    if text in ("balanced", "none"):
+        return None if text == "none" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class index, 'balanced' or 'none', got {text!r}") from None
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from difflab.training.run import load_run, write_samples
+
+    try:
+        run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
+        options = {k: getattr(args, k) for k in ("solver", "steps", "schedule") if getattr(args, k) is not None}
+        path = write_samples(run, args.out, n=args.n, class_label=args.class_label, seed=args.seed,
+                             progress=not args.no_progress, **options)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"difflab sample: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"difflab sample: {args.n} samples from {run.checkpoint} ({run.weights}) -> {path}")
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -96,9 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     listing = verbs.add_parser("solvers", help="list the solvers and sigma schedules")
     listing.set_defaults(run=_solvers)
+    train = verbs.add_parser("train", help="train the model a config describes into a run directory")
+    train.add_argument("config", nargs="?", help="a YAML file, or a preset name in configs/ (e.g. digits)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.steps=500 (repeatable)")
+    train.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+    sampler = verbs.add_parser("sample", help="draw samples from a run directory (EMA weights by default)")
+    sampler.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
+    sampler.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")
+    sampler.add_argument("--class-label", type=_class_label, default="balanced",
+                         help="a class index, 'balanced' (spread over all classes) or 'none' (unconditional)")
+    sampler.add_argument("--solver", help="solver (default: the run's sample.solver)")
+    sampler.add_argument("--steps", type=_positive_int, help="solver steps (default: the run's sample.steps)")
+    sampler.add_argument("--schedule", help="sigma schedule (default: the run's sample.schedule)")
+    sampler.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    sampler.add_argument("--ema", help="which EMA (e.g. 0.999, phema-0.050) or 'none' for the raw weights")
+    sampler.add_argument("--checkpoint", type=_positive_int, help="the step to load (default: latest)")
+    sampler.add_argument("--out", type=Path, default=Path("samples.png"), help=".png grid or .npz archive")
+    sampler.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sampler.set_defaults(run=_sample)
     info = verbs.add_parser("model-info", help="parameters, FLOPs and activation memory of a network config")
     info.add_argument("config", help="a preset name (e.g. dit_s_2, unet_32) or a YAML file with a model: section")
-    info.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a model key, e.g. --set resolution=64 (repeatable)")
     info.add_argument("--text-tokens", type=_positive_int, default=77, help="prompt length for text models")
     info.set_defaults(run=_model_info)

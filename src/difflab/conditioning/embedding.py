@@ -40,19 +40,17 @@ def null_condition(cond: dict) -> dict:
     return null
 
 
-def drop_condition(cond: dict, probability: float, generator: torch.Generator | None = None) -> dict:
-    """Replace each sample's labels and prompt by the null condition with the given probability (CFG training)."""
-    droppable = [cond[key] for key in ("class_labels", "text") if cond.get(key) is not None]
-    if probability <= 0 or not droppable:
-        return cond
-    batch, device = droppable[0].shape[0], droppable[0].device
-    drop = torch.rand(batch, generator=generator, device=device) < probability
+def drop_condition(cond: dict, drop: torch.Tensor) -> dict:
+    """Replace the labels and prompt of the samples where ``drop`` (B,) is True by the null condition.
+
+    Training with a random ``drop`` mask teaches the unconditional model classifier-free guidance needs.
+    """
     dropped = dict(cond)
     if cond.get("class_labels") is not None:
         dropped["class_labels"] = cond["class_labels"].masked_fill(drop, NULL_CLASS)
     if cond.get("text") is not None:
         mask = cond.get("text_mask")
-        mask = torch.ones(cond["text"].shape[:2], dtype=torch.bool, device=device) if mask is None else mask
+        mask = torch.ones(cond["text"].shape[:2], dtype=torch.bool, device=drop.device) if mask is None else mask
         dropped["text_mask"] = mask & ~drop[:, None]
     return dropped
 

@@ -1,5 +1,18 @@
-"""Evaluation: distances between sample sets, and the plots that show them."""
+"""Evaluation: distances between sample sets, Fréchet distance, precision/recall, feature networks, plots."""
 
 from difflab.evaluation.distances import mmd, rmse
+from difflab.evaluation.features import DigitFeatureNet, FeatureExtractor, feature_network, load_feature_extractor
+from difflab.evaluation.metrics import (
+    classification_accuracy,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_moments,
+    nearest_neighbour_distances,
+    precision_recall,
+)
 
-__all__ = ["mmd", "rmse"]
+__all__ = [
+    "DigitFeatureNet", "FeatureExtractor", "classification_accuracy", "feature_network", "feature_statistics",
+    "frechet_distance", "frechet_distance_from_moments", "load_feature_extractor", "mmd",
+    "nearest_neighbour_distances", "precision_recall", "rmse",
+]

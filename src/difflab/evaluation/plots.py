@@ -56,3 +56,32 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, scale: int | None = None, pad: int = 1):
+    """A PIL image of (N, C, H, W) images in [-1, 1] on a grid; small images are enlarged ``scale`` times."""
+    from PIL import Image
+
+    n, channels, height, width = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    scale = scale or max(1, 32 // max(height, width))
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = pixels.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    h, w = height * scale + pad, width * scale + pad
+    canvas = torch.full((channels, rows * h + pad, columns * w + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        canvas[:, pad + r * h : pad + r * h + height * scale, pad + c * w : pad + c * w + width * scale] = pixels[i]
+    array = canvas.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if channels == 1 else array)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
+    """Write :func:`image_grid` as a PNG (written to a temporary name, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image_grid(images, columns).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
+from difflab.config import ConfigError, build, load_yaml, to_dict
 from difflab.models.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.models.unet import UNet, UNetConfig
 
@@ -38,18 +37,18 @@ def network_config(mapping: Mapping | str) -> UNetConfig | DiTConfig:
     if "preset" in mapping:
         name = mapping.pop("preset")
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         mapping = {**PRESETS[name], **mapping}
     arch = mapping.pop("arch", None)
     if arch not in ARCHITECTURES:
-        raise ValueError(f"model config needs arch: one of {', '.join(ARCHITECTURES)} (or a preset), got {arch!r}")
-    config_type = ARCHITECTURES[arch][1]
-    hints = typing.get_type_hints(config_type)
-    for key, value in mapping.items():
-        if key not in hints:
-            raise ValueError(f"unknown key {key!r} for a {arch} model; valid keys: {', '.join(hints)}")
-        mapping[key] = _checked(f"{arch}.{key}", value, hints[key])
-    return config_type(**mapping)
+        raise ConfigError(f"model config needs arch: one of {', '.join(ARCHITECTURES)} (or a preset), got {arch!r}")
+    return build(ARCHITECTURES[arch][1], mapping, prefix=arch)
+
+
+def network_mapping(config: UNetConfig | DiTConfig) -> dict:
+    """The complete mapping (``arch`` plus every field) that :func:`network_config` turns back into ``config``."""
+    arch = next(name for name, (_, cfg) in ARCHITECTURES.items() if isinstance(config, cfg))
+    return {"arch": arch, **to_dict(config)}
 
 
 def build_network(mapping: Mapping | str | UNetConfig | DiTConfig) -> nn.Module:
@@ -61,20 +60,10 @@ def build_network(mapping: Mapping | str | UNetConfig | DiTConfig) -> nn.Module:
 
 def load_config_file(path: str | Path) -> dict:
     """A model mapping from a YAML file: its ``model:`` section, or the whole file."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"cannot read config {str(path)!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"config {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config {str(path)!r} must be a mapping, got {type(data).__name__}")
+    data = load_yaml(path)
     model = data.get("model", data)
     if not isinstance(model, dict):
-        raise ValueError(f"config {str(path)!r}: model must be a mapping")
+        raise ConfigError(f"config {str(path)!r}: model must be a mapping")
     return model
 
 
@@ -148,20 +137,3 @@ def saved_activation_bytes(network: nn.Module, args: tuple, cond: dict) -> int:
         out = network(*args, **cond)
     del out
     return sum(storages.values())
-
-
-def _checked(name: str, value, hint):
-    """``value`` as the annotated type (lists become tuples), or a one-line error naming the key."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:  # exact types: a bool is not accepted as an int, nor an int as a str
-        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
-            if all(type(v) is typing.get_args(option)[0] for v in value):
-                return tuple(value)
-        elif option is float and type(value) in (int, float):
-            return float(value)
-        elif type(value) is option:
-            return value
-    expected = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-    raise ValueError(f"{name} must be {expected}, got {value!r}")

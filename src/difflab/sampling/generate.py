@@ -1,0 +1,54 @@
+"""Draw many images from a denoiser in batches, each sample from its own seed, with chosen class labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab.conditioning import NULL_CLASS
+from difflab.sampling.sample import sample
+
+
+def class_labels(n: int, class_label: int | str | None, num_classes: int) -> torch.Tensor | None:
+    """Labels for n samples: one class, ``"balanced"`` (0, 1, ..., K-1, 0, ...), or the null class (None)."""
+    if not num_classes:
+        if class_label is not None:
+            raise ValueError("this model is not class-conditional, so it takes no class label")
+        return None
+    if class_label is None:
+        return torch.full((n,), NULL_CLASS, dtype=torch.long)
+    if class_label == "balanced":
+        return torch.arange(n) % num_classes
+    if not isinstance(class_label, int) or not 0 <= class_label < num_classes:
+        raise ValueError(f"class label must be 0..{num_classes - 1} or 'balanced', got {class_label!r}")
+    return torch.full((n,), class_label, dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(
+    denoiser: Callable[..., torch.Tensor],
+    shape: tuple[int, ...],
+    n: int,
+    *,
+    num_classes: int = 0,
+    class_label: int | str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    **sampling,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images clamped to [-1, 1] (n, *shape), labels or None). Sample i uses seed ``seed + i``, so the
+    images do not depend on the batch size. ``sampling`` goes to :func:`difflab.sampling.sample`."""
+    labels = class_labels(n, class_label, num_classes)
+    out = []
+    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling", unit="batch"):
+        count = min(batch_size, n - start)
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+        cond = {} if labels is None else {"class_labels": labels[start : start + count].to(device)}
+        stochastic = [torch.Generator(device).manual_seed(seed + n + start + i) for i in range(count)]
+        out.append(sample(denoiser, noise, generator=stochastic, **sampling, **cond).clamp(-1, 1).cpu())
+    return torch.cat(out), labels

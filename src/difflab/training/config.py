@@ -1,0 +1,170 @@
+"""The run config: one typed object per YAML section (``model``, ``data``, ``diffusion``, ``optim``,
+``train``, ``sample``), validated on load and written, fully resolved, to the run directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from difflab.config import ConfigError, apply_overrides, build, load_yaml, to_dict
+from difflab.diffusion import LOSS_WEIGHTS, NOISE_LEVELS, PARAMETERIZATIONS
+from difflab.sampling import SCHEDULES, SOLVERS
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+
+    def __post_init__(self):
+        from difflab.data import DATASETS
+
+        _choice("dataset", self.dataset, DATASETS)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    parameterization: str = "edm"
+    sigma_data: float = 0.5
+    noise_levels: str = "lognormal"
+    noise_options: dict = field(default_factory=dict)  # e.g. {p_mean: -1.2, p_std: 1.2}
+    loss_weight: str = "edm"
+    min_snr_gamma: float = 5.0
+    label_dropout: float = 0.1  # share of samples trained unconditionally, for classifier-free guidance
+
+    def __post_init__(self):
+        _choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        _choice("noise_levels", self.noise_levels, NOISE_LEVELS)
+        _choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
+        _positive("sigma_data", self.sigma_data)
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        try:
+            NOISE_LEVELS[self.noise_levels](**self.noise_options)
+        except TypeError as exc:
+            raise ValueError(f"noise_options do not fit {self.noise_levels}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant, cosine, linear or inverse_sqrt (EDM2) after warm-up
+    decay_start: int = 0  # inverse_sqrt: steps before the decay starts (EDM2's t_ref)
+    min_lr_ratio: float = 0.0  # cosine and linear end at lr * min_lr_ratio
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self):
+        _positive("lr", self.lr)
+        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("grad_clip", self.grad_clip)
+        _choice("decay", self.decay, ("constant", "cosine", "linear", "inverse_sqrt"))
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    max_minutes: float | None = None  # stop cleanly (with a checkpoint) after this much training time
+    batch: int = 128  # global batch, split over processes and accumulation rounds
+    accumulation: int = 1
+    seed: int = 0
+    precision: str = "float32"  # or bfloat16 (autocast)
+    ema_decays: tuple[float, ...] = (0.999,)
+    ema_sigma_rels: tuple[float, ...] = ()  # EDM2 power-function EMAs, e.g. [0.05, 0.1]
+    ema_snapshot_every: int = 0  # store power-EMA snapshots for post-hoc EMA (0: off)
+    log_every: int = 50
+    sample_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 500
+    keep: int = 2
+    distributed: str = "ddp"  # ddp or fsdp under torchrun
+    compile: bool = False
+    threads: int | None = None  # CPU threads per process (default: PyTorch's)
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "accumulation", "log_every", "checkpoint_every", "keep"):
+            _positive(name, getattr(self, name))
+        for name in ("sample_every", "ema_snapshot_every"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("max_minutes", self.max_minutes)
+        _choice("precision", self.precision, ("float32", "bfloat16"))
+        _choice("distributed", self.distributed, ("ddp", "fsdp"))
+        if self.batch % self.accumulation:
+            raise ValueError(f"batch {self.batch} is not divisible by accumulation {self.accumulation}")
+        if not all(0 < d < 1 for d in self.ema_decays):
+            raise ValueError(f"ema_decays must be in (0, 1), got {list(self.ema_decays)}")
+        if not all(0 < s < 0.3 for s in self.ema_sigma_rels):
+            raise ValueError(f"ema_sigma_rels must be in (0, 0.3), got {list(self.ema_sigma_rels)}")
+        if self.ema_snapshot_every and not self.ema_sigma_rels:
+            raise ValueError("ema_snapshot_every needs ema_sigma_rels (the power EMAs to snapshot)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How sample grids (and ``difflab sample`` by default) are drawn."""
+
+    solver: str = "heun"
+    steps: int = 18
+    schedule: str = "karras"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    n: int = 64
+    ema: str | None = None  # which average (default: the first); null: the raw weights
+
+    def __post_init__(self):
+        _choice("solver", self.solver, SOLVERS)
+        _choice("schedule", self.schedule, [k for k in SCHEDULES if k != "optimized"])
+        _positive("steps", self.steps)
+        _positive("n", self.n)
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: dict = field(default_factory=dict)  # a network mapping (arch or preset plus keys), see models
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
+    """A validated :class:`RunConfig` with every default filled in, the model completed from the data set."""
+    from difflab.data import load_dataset
+    from difflab.models import network_config, network_mapping
+
+    config = build(RunConfig, apply_overrides(mapping, overrides))
+    if not config.model:
+        raise ConfigError("the config needs a model: section (arch or preset plus keys)")
+    dataset = load_dataset(config.data.dataset)
+    model = dict(config.model)
+    # The data set fixes the input; a config may leave these keys out.
+    model.setdefault("in_channels", dataset.images.shape[1])
+    model.setdefault("resolution", dataset.images.shape[-1])
+    model.setdefault("num_classes", dataset.num_classes)
+    network = network_config(model)  # validates the model section
+    if network.in_channels != dataset.images.shape[1] or network.resolution != dataset.images.shape[-1]:
+        raise ConfigError(
+            f"model expects {network.in_channels}x{network.resolution}x{network.resolution} inputs but data set "
+            f"{dataset.name!r} has {'x'.join(map(str, dataset.images.shape[1:]))}"
+        )
+    return replace(config, model=network_mapping(network))
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    return resolve(load_yaml(path), overrides)

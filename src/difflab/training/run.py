@@ -1,0 +1,83 @@
+"""Read a run directory back: its config, a checkpoint's weights (an EMA by default) as a denoiser, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.config import load_yaml
+from difflab.diffusion import Precond
+from difflab.training import checkpoint as ckpt
+from difflab.training.config import RunConfig, resolve
+from difflab.training.trainer import ema_file, make_denoiser, sampling_options
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    denoiser: Precond
+    checkpoint: Path
+    weights: str  # "model" or the EMA's name
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        m = self.config.model
+        frames = (m["frames"],) if m.get("frames") else ()
+        return (m["in_channels"], *frames, m["resolution"], m["resolution"])
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.model.get("num_classes", 0)
+
+
+def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None = None, device="cpu") -> Run:
+    """The denoiser of a run's checkpoint (latest by default) with EMA weights (``ema='none'``: raw weights)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = resolve(load_yaml(run_dir / "config.yaml"))
+    checkpoints = run_dir / "checkpoints"
+    folder = checkpoints / ckpt.step_name(checkpoint) if checkpoint else ckpt.latest_checkpoint(checkpoints)
+    if folder is None or not folder.is_dir():
+        raise FileNotFoundError(f"no checkpoint {'at step ' + str(checkpoint) if checkpoint else ''} in {checkpoints}")
+    available = sorted(p.name.removeprefix("ema-").removesuffix(".safetensors") for p in folder.glob("ema-*.safetensors"))
+    name = ema or config.sample.ema or (available[0] if available else "none")
+    if name == "none":
+        path, weights = folder / "model.safetensors", "model"
+    else:
+        path, weights = folder / ema_file(name), f"ema-{name.removeprefix('ema-')}"
+        if not path.is_file():
+            raise FileNotFoundError(f"no EMA {name!r} in {folder}; available: {', '.join(available) or 'none'}")
+    return Run(config, make_denoiser(config, ckpt.load_tensors(path), device), folder, weights)
+
+
+def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", seed: int = 0, progress: bool = False,
+                  **options) -> Path:
+    """Sample a run into a PNG grid or an ``.npz`` archive (``images`` uint8 NHWC, ``labels`` int64)."""
+    from difflab.evaluation.plots import save_image_grid
+    from difflab.sampling.generate import generate
+
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png or .npz, got {out.name!r}")
+    if not run.num_classes and class_label == "balanced":
+        class_label = None
+    images, labels = generate(run.denoiser, run.sample_shape, n, num_classes=run.num_classes,
+                              class_label=class_label, seed=seed, progress=progress,
+                              **{**sampling_options(run.config), **options})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        columns = run.num_classes if class_label == "balanced" else None
+        return save_image_grid(images, out, columns=columns)
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = pixels.movedim(1, -1).numpy()  # (N, H, W, C) or (N, T, H, W, C)
+    arrays = {"images": pixels}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,343 @@
+"""The one trainer: config in, run directory out (DESIGN.md), for every network and parameterisation.
+
+Each optimizer step draws a global batch, splits it over processes and accumulation rounds, and trains
+``Precond(network)`` with the math core's noise levels and loss weights (EDM, Eq. 2). Everything random
+(data order, noise levels, noise, label dropout) is drawn for the *global* batch from one seeded
+generator and sliced per process, so a run on N processes sees the same samples and noise as on one,
+and a resumed run continues bit for bit: the generator state, the data position, the optimizer and the
+EMAs are all in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from difflab import __version__
+from difflab.conditioning import drop_condition
+from difflab.config import to_dict
+from difflab.data import BatchLoader, load_dataset
+from difflab.diffusion import NOISE_LEVELS, Precond, denoising_loss, loss_weight
+from difflab.models import build_network
+from difflab.training import checkpoint as ckpt
+from difflab.training.config import RunConfig
+from difflab.training.distributed import World, close_world, init_world, wrap
+from difflab.training.ema import EMA, unwrapped_state_dict
+
+METRICS = ["step", "loss", "grad_norm", "lr", "images_per_second", "minutes"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says which checkpoint is intact."""
+
+
+def ema_file(name: str) -> str:
+    return f"ema-{name.removeprefix('ema-')}.safetensors"
+
+
+def lr_factor(step: int, config: RunConfig) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up, then the decay."""
+    o, total = config.optim, config.train.steps
+    warmup = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    progress = min(1.0, max(0.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps)))
+    if o.decay == "cosine":
+        decay = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif o.decay == "linear":
+        decay = 1 - (1 - o.min_lr_ratio) * progress
+    elif o.decay == "inverse_sqrt":  # EDM2, Eq. 67
+        decay = 1 / math.sqrt(max(step / o.decay_start, 1)) if o.decay_start else 1 / math.sqrt(max(step, 1))
+    else:
+        decay = 1.0
+    return warmup * decay
+
+
+def make_denoiser(config: RunConfig, state: dict | None = None, device=None) -> Precond:
+    """The denoiser a run config describes, with the given weights (a network state dict)."""
+    network = build_network(config.model)
+    if state is not None:
+        network.load_state_dict(state)
+    d = config.diffusion
+    return Precond(network, d.parameterization, sigma_data=d.sigma_data).to(device).eval()
+
+
+def sampling_options(config: RunConfig) -> dict:
+    """The ``sample()`` keywords of a run's ``sample:`` section."""
+    s = config.sample
+    return dict(solver=s.solver, steps=s.steps, schedule=s.schedule, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+
+
+def config_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+class Trainer:
+    """Trains the model a :class:`RunConfig` describes into ``run_dir``; ``resume`` continues the newest checkpoint."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True):
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.world: World = init_world()
+        t = config.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.batch % (t.accumulation * self.world.size):
+            raise ValueError(f"train.batch {t.batch} is not divisible by accumulation x processes "
+                             f"({t.accumulation} x {self.world.size})")
+        self.checkpoints = self.run_dir / "checkpoints"
+        if self.world.main:
+            self._prepare_run_dir(resume)
+        self.world.barrier()
+
+        torch.manual_seed(t.seed)  # the same initial weights on every process
+        self.dataset = load_dataset(config.data.dataset)
+        self.network = build_network(config.model).to(self.world.device)
+        d = config.diffusion
+        self.denoiser = Precond(self.network, d.parameterization, sigma_data=d.sigma_data)
+        self.noise_levels = NOISE_LEVELS[d.noise_levels](**d.noise_options)
+        self.ema = EMA(self.network, decays=t.ema_decays, sigma_rels=t.ema_sigma_rels)
+        self.optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay, **_fused(self.world.device),
+        )
+        self.loader = BatchLoader(self.dataset, t.batch // t.accumulation, seed=t.seed,
+                                  rank=self.world.rank, world_size=self.world.size)
+        self.generator = torch.Generator().manual_seed(t.seed + 1)  # noise for the global batch
+        self.step, self.elapsed, self.images = 0, 0.0, 0
+        if resume:
+            self._load(ckpt.latest_checkpoint(self.checkpoints))
+        self.model = wrap(self.denoiser, t.distributed, self.world)
+        if t.compile:
+            self.model = torch.compile(self.model)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _prepare_run_dir(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and (self.run_dir / "config.yaml").exists():
+            raise FileExistsError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
+                                  "or choose another --run-dir")
+        ckpt.remove_partial(self.checkpoints)
+        ckpt.atomic_write_text(self.run_dir / "config.yaml", config_yaml(self.config))
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+
+    def _load(self, folder: Path | None) -> None:
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints}")
+        self.network.load_state_dict(ckpt.load_tensors(folder / "model.safetensors"))
+        ema_state = {}
+        for name in self.ema.names:
+            for key, value in ckpt.load_tensors(folder / ema_file(name)).items():
+                ema_state[f"{name}/{key}"] = value
+        self.ema.load_state_dict(ema_state)
+        meta = ckpt.read_json(folder / "trainer.json")
+        tensors = ckpt.load_tensors(folder / "trainer.safetensors")
+        optimizer = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
+        self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(optimizer, meta["optimizer"]))
+        for param, state in self.optimizer.state.items():
+            for key, value in state.items():  # moments in the parameter's layout (channels-last convolutions):
+                if value.shape == param.shape:  # the fused kernel assumes it
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+        torch.set_rng_state(tensors["rng.torch"])
+        self.generator.set_state(tensors["rng.noise"])
+        self.loader.load_state_dict(meta["data"])
+        self.step, self.elapsed, self.images = meta["step"], meta["elapsed_seconds"], meta["images"]
+        if self.world.main:
+            _truncate_metrics(self.run_dir / "metrics.csv", self.step)
+
+    # --------------------------------------------------------------------------------------------- training
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (mean loss on this process, gradient norm)."""
+        t, d, world = self.config.train, self.config.diffusion, self.world
+        micro = t.batch // t.accumulation
+        share = micro // world.size
+        autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if t.precision == "bfloat16" else nullcontext()
+        # Drawn for the whole global batch, then sliced: the same samples see the same noise whatever the
+        # number of processes or accumulation rounds.
+        shape = tuple(self.dataset.images.shape[1:])
+        sigmas = self.noise_levels(t.batch, generator=self.generator)
+        noises = torch.randn((t.batch, *shape), generator=self.generator)
+        drops = torch.rand(t.batch, generator=self.generator) < d.label_dropout
+        total = 0.0
+        for round_ in range(t.accumulation):
+            images, labels = next(self.loader)
+            mine = slice(round_ * micro + world.rank * share, round_ * micro + (world.rank + 1) * share)
+            x0, sigma, noise = (v.to(world.device) for v in (images, sigmas[mine], noises[mine]))
+            cond = {}
+            if labels is not None and self.dataset.num_classes:
+                cond = drop_condition({"class_labels": labels.to(world.device)}, drops[mine].to(world.device))
+            weight = loss_weight(d.loss_weight, sigma, d.sigma_data, d.min_snr_gamma)
+            sync = round_ == t.accumulation - 1 or not hasattr(self.model, "no_sync")
+            with (nullcontext() if sync else self.model.no_sync()), autocast:
+                loss = denoising_loss(self.model, x0, sigma, weight, noise=noise, **cond).mean() / t.accumulation
+            loss.backward()
+            total += loss.item()
+        max_norm = self.config.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_norm).item()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            latest = ckpt.latest_checkpoint(self.checkpoints)
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            raise TrainingError(f"non-finite loss or gradient at step {self.step + 1} (loss {total}); "
+                                f"stopped, {kept}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.optim.lr * lr_factor(self.step, self.config)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.images += t.batch
+        self.ema.update(self.network, self.step)
+        return total, grad_norm
+
+    def fit(self) -> dict:
+        """Train until ``train.steps`` or ``train.max_minutes``; checkpoint, sample and log on the way."""
+        t, world = self.config.train, self.world
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and world.main), unit="step",
+                   dynamic_ncols=True)
+        metrics = _MetricsWriter(self.run_dir / "metrics.csv") if world.main else None
+        interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+        segment_start, start_elapsed = time.perf_counter(), self.elapsed
+        stop_reason = "steps"
+        try:
+            while self.step < t.steps:
+                loss, grad_norm = self.train_step()
+                interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
+                self.elapsed = start_elapsed + time.perf_counter() - segment_start
+                out_of_time = t.max_minutes is not None and world.any(self.elapsed >= 60 * t.max_minutes)
+                if self.step % t.log_every == 0 or self.step == t.steps or out_of_time:
+                    seconds = time.perf_counter() - interval_start
+                    row = dict(step=self.step, loss=world.mean(interval_loss / interval_steps), grad_norm=grad_norm,
+                               lr=self.optimizer.param_groups[0]["lr"], images_per_second=interval_steps * t.batch
+                               / seconds, minutes=self.elapsed / 60)
+                    if metrics:
+                        metrics.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
+                    interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+                bar.update(1)
+                if t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0:
+                    self.save_ema_snapshot()
+                if t.sample_every and self.step % t.sample_every == 0 and self.step != t.steps:
+                    self.save_samples()
+                if self.step % t.checkpoint_every == 0 and self.step != t.steps and not out_of_time:
+                    self.save_checkpoint()
+                if out_of_time:
+                    stop_reason = f"max_minutes={t.max_minutes:g}"
+                    break
+            self.save_checkpoint()
+            grid = self.save_samples()
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        summary = dict(step=self.step, stopped_by=stop_reason, minutes=self.elapsed / 60, images=self.images,
+                       run_dir=str(self.run_dir), samples=str(grid) if grid else None)
+        if world.main:
+            print(f"difflab train: {self.step} steps ({stop_reason}) in {self.elapsed / 60:.1f} min, "
+                  f"{self.images} images; checkpoint {ckpt.latest_checkpoint(self.checkpoints)}; samples {grid}")
+        close_world(world)
+        return summary
+
+    # ------------------------------------------------------------------------------------------ artefacts
+    def save_checkpoint(self) -> None:
+        """Weights, EMAs and trainer state, written atomically by the main process (DDP: replicas agree)."""
+        if self.world.main:
+            tmp = ckpt.begin(self.checkpoints, self.step)
+            metadata = {"config": config_yaml(self.config), "step": str(self.step), "difflab": __version__}
+            ckpt.save_tensors(tmp / "model.safetensors", unwrapped_state_dict(self.network), metadata)
+            for name, average in self.ema.averages().items():
+                ckpt.save_tensors(tmp / ema_file(name), average, {**metadata, "ema": name})
+            optimizer, settings = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
+            tensors = {f"optimizer.{k}": v for k, v in optimizer.items()}
+            tensors.update({"rng.torch": torch.get_rng_state(), "rng.noise": self.generator.get_state()})
+            ckpt.save_tensors(tmp / "trainer.safetensors", tensors)
+            ckpt.write_json(tmp / "trainer.json", dict(
+                step=self.step, elapsed_seconds=self.elapsed, images=self.images, data=self.loader.state_dict(),
+                optimizer=settings, world_size=self.world.size, difflab=__version__,
+            ))
+            ckpt.commit(self.checkpoints, tmp, self.step, self.config.train.keep)
+        self.world.barrier()
+
+    def save_ema_snapshot(self) -> None:
+        """The power-function EMAs at this step, kept for post-hoc EMA (``difflab ema``)."""
+        if self.world.main:
+            folder = self.run_dir / "ema-snapshots"
+            folder.mkdir(exist_ok=True)
+            tensors = {f"{name}/{k}": v for name, avg in self.ema.averages().items() if name.startswith("phema")
+                       for k, v in avg.items()}
+            gammas = {name: repr(gamma) for name, gamma in self.ema.gammas.items()}
+            tmp = folder / f".tmp-{ckpt.step_name(self.step)}.safetensors"
+            ckpt.save_tensors(tmp, tensors, {"step": str(self.step), **gammas})
+            tmp.replace(folder / f"{ckpt.step_name(self.step)}.safetensors")
+        self.world.barrier()
+
+    def save_samples(self) -> Path | None:
+        """A grid of samples from the first EMA (balanced over classes) in ``samples/``."""
+        path = None
+        if self.world.main:
+            from difflab.evaluation.plots import save_image_grid
+            from difflab.sampling.generate import generate
+
+            s = self.config.sample
+            name = s.ema or (self.ema.names[0] if self.ema.names else None)
+            state = self.ema.average(name) if name else unwrapped_state_dict(self.network)
+            denoiser = make_denoiser(self.config, state, self.world.device)
+            classes = self.dataset.num_classes
+            images, _ = generate(denoiser, tuple(self.dataset.images.shape[1:]), s.n, num_classes=classes,
+                                 class_label="balanced" if classes else None, device=self.world.device,
+                                 **sampling_options(self.config))
+            path = save_image_grid(images, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png",
+                                   columns=classes or None)
+        self.world.barrier()
+        return path
+
+
+def _fused(device: torch.device) -> dict:
+    """Fused AdamW where this torch build has it for the device (one kernel for all parameters)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+class _MetricsWriter:
+    """Appends rows to metrics.csv (and to TensorBoard when it is installed)."""
+
+    def __init__(self, path: Path):
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=METRICS)
+        if new:
+            self.writer.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            self.board = None
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        self.file.flush()
+        if self.board:
+            for key, value in row.items():
+                if key != "step":
+                    self.board.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board:
+            self.board.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after ``step`` by a run that was killed before its next checkpoint."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,224 @@
+"""The training stage: config validation, the run directory, exact resume, atomic checkpoints, NaN stop, DDP."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from difflab.cli import main
+from difflab.config import ConfigError
+from difflab.training import Trainer, TrainingError, resolve
+from difflab.training import checkpoint as ckpt
+from difflab.training.trainer import lr_factor
+
+TINY = {
+    "model": {"arch": "unet", "channels": 16, "channel_mult": [1, 2], "blocks_per_level": 1,
+              "attention_resolutions": [4], "head_dim": 16},
+    "data": {"dataset": "digits"},
+    "optim": {"lr": 0.002, "warmup_steps": 2},
+    "train": {"steps": 8, "batch": 16, "log_every": 1, "checkpoint_every": 3, "keep": 2, "threads": 1,
+              "ema_decays": [0.9, 0.99]},
+    "sample": {"steps": 3, "n": 10},
+}
+
+
+def losses(run_dir: Path) -> list[str]:
+    with open(run_dir / "metrics.csv") as f:
+        return [row["loss"] for row in csv.DictReader(f)]
+
+
+def train(run_dir: Path, *overrides: str, resume: bool = False) -> dict:
+    return Trainer(resolve(TINY, list(overrides)), run_dir, resume=resume, progress=False).fit()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.bogus=1"], "unknown key 'train.bogus'"),
+    (["train.steps=many"], "train.steps must be int, got 'many'"),
+    (["train.batch=0"], "batch must be positive"),
+    (["train.keep=0"], "keep must be positive"),
+    (["train.batch=12", "train.accumulation=5"], "batch 12 is not divisible by accumulation 5"),
+    (["optim.decay=exponential"], "decay must be one of constant, cosine, linear, inverse_sqrt"),
+    (["diffusion.parameterization=score"], "parameterization must be one of"),
+    (["train.ema_decays=[1.5]"], r"ema_decays must be in \(0, 1\)"),
+    (["model.chanels=3"], "unknown key 'unet.chanels'"),
+    (["data.dataset=imagenet"], "dataset must be one of digits"),
+    (["sample.sigma_min=100"], "need 0 < sigma_min < sigma_max"),
+    (["diffusion.noise_options={p_mu: 1}"], "noise_options do not fit lognormal"),
+    (["train"], "expected key=value"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(TINY, overrides)
+
+
+def test_resolved_config_fills_the_model_from_the_data_set_and_round_trips():
+    config = resolve(TINY)
+    assert config.model["in_channels"] == 1 and config.model["resolution"] == 8
+    assert config.model["num_classes"] == 10
+    from difflab.config import to_dict
+
+    assert resolve(yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
+
+
+def test_learning_rate_schedules():
+    config = resolve(TINY, ["optim.warmup_steps=10", "optim.decay=cosine", "train.steps=110"])
+    assert lr_factor(0, config) == pytest.approx(0.1)
+    assert lr_factor(9, config) == pytest.approx(1.0)
+    assert lr_factor(60, config) == pytest.approx(0.5)
+    assert lr_factor(110, config) == pytest.approx(0.0)
+    config = resolve(TINY, ["optim.decay=inverse_sqrt", "optim.decay_start=100"])
+    assert lr_factor(50, config) == 1.0 and lr_factor(400, config) == pytest.approx(0.5)
+
+
+def test_run_directory_layout_and_sampling(tmp_path, capsys):
+    run = tmp_path / "run"
+    summary = train(run)
+    assert summary["step"] == 8 and summary["stopped_by"] == "steps"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["in_channels"] == 1 and saved["train"]["steps"] == 8  # fully resolved
+    folders = [p.name for p in ckpt.complete_checkpoints(run / "checkpoints")]
+    assert folders == ["step-0000006", "step-0000008"]  # keep: 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000008"
+    files = {p.name for p in (run / "checkpoints" / "step-0000008").iterdir()}
+    assert files == {"model.safetensors", "ema-0.9.safetensors", "ema-0.99.safetensors", "trainer.json",
+                     "trainer.safetensors"}
+    assert len(losses(run)) == 8 and (run / "samples" / "step-0000008.png").exists()
+
+    assert main(["sample", str(run), "--n", "20", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--no-progress"]) == 0
+    archive = np.load(tmp_path / "s.npz")
+    assert archive["images"].shape == (20, 8, 8, 1) and archive["images"].dtype == np.uint8
+    assert list(archive["labels"]) == [i % 10 for i in range(20)]  # balanced
+    assert main(["sample", str(run), "--n", "4", "--class-label", "3", "--ema", "none", "--out",
+                 str(tmp_path / "g.png"), "--no-progress"]) == 0
+    assert (tmp_path / "g.png").exists()
+    assert main(["sample", str(run), "--ema", "0.5", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no EMA '0.5'" in capsys.readouterr().err
+    assert main(["sample", str(run), "--out", str(tmp_path / "x.jpg"), "--no-progress"]) == 2
+
+
+def test_resume_after_stop_continues_the_same_losses(tmp_path):
+    train(tmp_path / "whole")
+    train(tmp_path / "parts", "train.steps=4")  # stops at 4 (checkpoint at 3 and 4)
+    train(tmp_path / "parts", resume=True)
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    """Kill the training process at random moments (also mid-checkpoint), resume each time, compare."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 14, "checkpoint_every": 2}}))
+    command = [sys.executable, "-m", "difflab", "train", str(config), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    run = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    for attempt in range(4):
+        process = subprocess.Popen([*command, "--run-dir", str(run), *(["--resume"] if attempt else [])], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while ckpt.latest_checkpoint(run / "checkpoints") is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # wait for a first checkpoint, then kill at a random moment
+        time.sleep(rng.uniform(0, 0.8))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    subprocess.run([*command, "--run-dir", str(run), "--resume"], check=True, env=env, capture_output=True)
+    assert losses(run) == losses(tmp_path / "whole")
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(run, "train.steps=3")
+    real_save = ckpt.save_tensors
+    calls = []
+
+    def dying_save(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # die after the first file of the next checkpoint
+            raise KeyboardInterrupt
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_tensors", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, resume=True)
+    monkeypatch.setattr(ckpt, "save_tensors", real_save)
+    assert ckpt.latest_checkpoint(run / "checkpoints").name == "step-0000003"
+    assert any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+    train(run, resume=True)
+    assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+    train(tmp_path / "whole")
+    assert losses(run) == losses(tmp_path / "whole")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    from difflab.models.unet import UNet
+
+    forward = UNet.forward
+    calls = []
+
+    def exploding(self, *args, **kwargs):
+        calls.append(1)
+        out = forward(self, *args, **kwargs)
+        return out * float("nan") if len(calls) >= 5 else out
+
+    monkeypatch.setattr(UNet, "forward", exploding)
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 5 .*good checkpoint is .*step-0000003"):
+        train(tmp_path / "run")
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000003"
+
+
+def test_max_minutes_stops_cleanly_with_a_checkpoint(tmp_path):
+    summary = train(tmp_path / "run", "train.max_minutes=0.0001")
+    assert summary["step"] == 1 and summary["stopped_by"] == "max_minutes=0.0001"
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000001"
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    train(tmp_path / "one", "train.steps=3")
+    train(tmp_path / "two", "train.steps=3", "train.accumulation=2")
+    np.testing.assert_allclose(np.array(losses(tmp_path / "two"), float), np.array(losses(tmp_path / "one"), float),
+                               rtol=1e-5)
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run), "--set", "train.steps=1", "--no-progress"]) == 0
+    before = (run / "config.yaml").read_text()
+    assert main(["train", str(config), "--run-dir", str(run), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == before
+    assert main(["train", str(config), "--set", "train.steps=x"]) == 2
+    assert main(["train", str(config), "--dry-run"]) == 0 and "in_channels: 1" in capsys.readouterr().out
+
+
+def _torchrun(tmp_path: Path, run: str, strategy: str) -> list[float]:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 4}}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "difflab", "train", str(config), "--run-dir", str(tmp_path / run), "--no-progress",
+               "--set", f"train.distributed={strategy}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [float(v) for v in losses(tmp_path / run)]
+
+
+@pytest.mark.parametrize("strategy", ["ddp"])
+def test_two_process_gloo_run_matches_one_process(tmp_path, strategy):
+    single = [float(v) for v in losses(_single(tmp_path))]
+    np.testing.assert_allclose(_torchrun(tmp_path, strategy, strategy), single, rtol=1e-4)
+
+
+def _single(tmp_path: Path) -> Path:
+    train(tmp_path / "single", "train.steps=4")
+    return tmp_path / "single"
