@@ -13,11 +13,20 @@ from sklearn.model_selection import train_test_split
 from difflab.evaluation import features as features_module
 from difflab.evaluation import metrics as metrics_module
 from difflab.evaluation.features import (
-    DigitFeatureNet, FeatureExtractor, FeatureNetConfig, feature_network, feature_network_key, load_feature_extractor,
+    DigitFeatureNet,
+    FeatureExtractor,
+    FeatureNetConfig,
+    feature_network,
+    feature_network_key,
+    load_feature_extractor,
 )
 from difflab.evaluation.metrics import (
-    classification_accuracy, feature_statistics, frechet_distance, frechet_distance_from_moments,
-    nearest_neighbour_distances, precision_recall,
+    classification_accuracy,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_moments,
+    nearest_neighbour_distances,
+    precision_recall,
 )
 
 

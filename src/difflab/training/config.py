@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from difflab.config import ConfigError, apply_overrides, build, load_yaml, to_dict
+from difflab.config import ConfigError, apply_overrides, build, load_yaml
 from difflab.diffusion import LOSS_WEIGHTS, NOISE_LEVELS, PARAMETERIZATIONS
 from difflab.sampling import SCHEDULES, SOLVERS
 

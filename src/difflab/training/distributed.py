@@ -67,7 +67,8 @@ def wrap(network: nn.Module, strategy: str, world: World) -> nn.Module:
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(network, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        return DistributedDataParallel(network, device_ids=device_ids)
     from torch.distributed.fsdp import fully_shard
 
     for param in network.parameters():  # FSDP2 shards contiguous parameters only (not channels-last ones)

@@ -192,7 +192,7 @@ def posthoc_ema(snapshots: Sequence[tuple[int, float, Mapping[str, Tensor]]], si
             out[key] = ref.clone()
             continue
         acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
-        for c, (_, _, sd) in zip(coefficients, snapshots):
+        for c, (_, _, sd) in zip(coefficients, snapshots, strict=True):
             acc.add_(sd[key].to(acc), alpha=c)
         out[key] = acc.to(ref.dtype)
     return out

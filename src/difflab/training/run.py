@@ -43,7 +43,7 @@ def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None
     folder = checkpoints / ckpt.step_name(checkpoint) if checkpoint else ckpt.latest_checkpoint(checkpoints)
     if folder is None or not folder.is_dir():
         raise FileNotFoundError(f"no checkpoint {'at step ' + str(checkpoint) if checkpoint else ''} in {checkpoints}")
-    available = sorted(p.name.removeprefix("ema-").removesuffix(".safetensors") for p in folder.glob("ema-*.safetensors"))
+    available = sorted(p.name[len("ema-") : -len(".safetensors")] for p in folder.glob("ema-*.safetensors"))
     name = ema or config.sample.ema or (available[0] if available else "none")
     if name == "none":
         path, weights = folder / "model.safetensors", "model"

@@ -14,7 +14,6 @@ import csv
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -156,7 +155,8 @@ class Trainer:
         t, d, world = self.config.train, self.config.diffusion, self.world
         micro = t.batch // t.accumulation
         share = micro // world.size
-        autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if t.precision == "bfloat16" else nullcontext()
+        bf16 = t.precision == "bfloat16"
+        autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         # Drawn for the whole global batch, then sliced: the same samples see the same noise whatever the
         # number of processes or accumulation rounds.
         shape = tuple(self.dataset.images.shape[1:])
