@@ -120,6 +120,61 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.data import load_dataset
+    from difflab.evaluation.report import noise_floor, sample_metrics, save_nearest_pairs
+    from difflab.sampling.generate import generate
+    from difflab.training.run import load_run
+    from difflab.training.trainer import sampling_options
+
+    try:
+        run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
+        dataset = load_dataset(run.config.data.dataset)
+        images, labels = generate(run.denoiser, run.sample_shape, args.n, num_classes=run.num_classes,
+                                  class_label="balanced" if run.num_classes else None, seed=args.seed,
+                                  progress=not args.no_progress, **sampling_options(run.config))
+        metrics = sample_metrics(images, labels, dataset)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"difflab eval: error: {exc}", file=sys.stderr)
+        return 2
+    metrics.update(noise_floor_frechet_distance=noise_floor(dataset), checkpoint=str(run.checkpoint),
+                   weights=run.weights, solver=run.config.sample.solver, steps=run.config.sample.steps)
+    out = args.out or args.run_dir / "eval" / f"{run.checkpoint.name}-{run.weights}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    picture = save_nearest_pairs(images, dataset, out.with_suffix(".png"))
+    for key, value in metrics.items():
+        print(f"{key:32s}{value:.4g}" if isinstance(value, float) else f"{key:32s}{value}")
+    print(f"difflab eval: wrote {out} and {picture} (samples above their nearest training images)")
+    return 0
+
+
+def _ema(args: argparse.Namespace) -> int:
+    from difflab.training.run import posthoc_ema_into_checkpoint
+
+    try:
+        paths = [posthoc_ema_into_checkpoint(args.run_dir, sigma_rel) for sigma_rel in args.sigma_rel]
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"difflab ema: error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        name = path.name.removeprefix("ema-").removesuffix(".safetensors")
+        print(f"difflab ema: wrote {path}; sample it with --ema {name}")
+    return 0
+
+
+def _sigma_rel(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 0.3:
+        raise argparse.ArgumentTypeError(f"expected a relative EMA width in (0, 0.3), got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -174,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--out", type=Path, default=Path("samples.png"), help=".png grid or .npz archive")
     sampler.add_argument("--no-progress", action="store_true", help="no progress bar")
     sampler.set_defaults(run=_sample)
+    evaluate = verbs.add_parser("eval", help="sample a run and score it: Fréchet distance, precision/recall, ...")
+    evaluate.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
+    evaluate.add_argument("--n", type=_positive_int, default=2000, help="samples to score (default: 2000)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--ema", help="which EMA (default: the run's first) or 'none'")
+    evaluate.add_argument("--checkpoint", type=_positive_int, help="the step to load (default: latest)")
+    evaluate.add_argument("--out", type=Path, help="metrics JSON (default: RUN/eval/<checkpoint>-<weights>.json)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_eval)
+    ema = verbs.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length from a run's snapshots (EDM2)")
+    ema.add_argument("run_dir", type=Path, help="a run trained with train.ema_sigma_rels and ema_snapshot_every")
+    ema.add_argument("--sigma-rel", type=_sigma_rel, action="append", required=True,
+                     help="relative EMA width, e.g. 0.05 (repeatable)")
+    ema.set_defaults(run=_ema)
     info = verbs.add_parser("model-info", help="parameters, FLOPs and activation memory of a network config")
     info.add_argument("config", help="a preset name (e.g. dit_s_2, unet_32) or a YAML file with a model: section")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from difflab.config import load_yaml
 from difflab.diffusion import Precond
@@ -81,3 +82,34 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     np.savez(tmp, **arrays)
     tmp.replace(out)
     return out
+
+
+def posthoc_ema_into_checkpoint(run_dir: str | Path, sigma_rel: float) -> Path:
+    """Reconstruct the power EMA of width ``sigma_rel`` at the last snapshot (EDM2 post-hoc EMA) and store it
+    beside that step's checkpoint as ``ema-posthoc-<sigma_rel>.safetensors`` (``--ema posthoc-0.050``)."""
+    from difflab.training.ema import posthoc_ema
+
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "ema-snapshots").glob("step-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no EMA snapshots in {run_dir / 'ema-snapshots'}; train with "
+                                "train.ema_sigma_rels and train.ema_snapshot_every")
+    snapshots = []
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+        tensors = ckpt.load_tensors(file)
+        step = int(meta["step"])
+        for name, gamma in meta.items():
+            if name.startswith("phema-"):
+                state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+                snapshots.append((step, float(gamma), state))
+    last = max(step for step, _, _ in snapshots)
+    folder = run_dir / "checkpoints" / ckpt.step_name(last)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the last snapshot is at step {last} but {folder} does not exist")
+    path = folder / f"ema-posthoc-{sigma_rel:.3f}.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp")
+    ckpt.save_tensors(tmp, posthoc_ema(snapshots, sigma_rel), {"ema": f"posthoc-{sigma_rel:.3f}", "step": str(last)})
+    tmp.replace(path)
+    return path

@@ -228,6 +228,8 @@ class Trainer:
                 if out_of_time:
                     stop_reason = f"max_minutes={t.max_minutes:g}"
                     break
+            if t.ema_snapshot_every and self.step % t.ema_snapshot_every:
+                self.save_ema_snapshot()  # post-hoc EMA can then be reconstructed at the final step
             self.save_checkpoint()
             grid = self.save_samples()
         finally:
