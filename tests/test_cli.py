@@ -66,3 +66,16 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "optimized_schedules.json").exists()
     exec(compile(networks, "README.md", "exec"), namespace)
     assert namespace["video"](torch.zeros(1, 3, 2, 16, 16), torch.ones(1)).shape == (1, 3, 2, 16, 16)
+
+
+def test_digits_demo_trains_samples_and_scores(tmp_path, monkeypatch):
+    import pathlib
+
+    from difflab.demo import run_digits_demo
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    config = pathlib.Path(__file__).parents[1] / "configs" / "digits.yaml"
+    metrics = run_digits_demo(tmp_path, config, steps=2, eval_samples=40, progress=False)
+    assert (tmp_path / "digits.png").exists() and (tmp_path / "digits-run" / "config.yaml").exists()
+    assert {"frechet_distance", "class_accuracy", "noise_floor_frechet_distance"} <= set(metrics)
+    run_digits_demo(tmp_path, config, steps=1, eval_samples=10, progress=False)  # reruns start afresh

@@ -9,11 +9,23 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from difflab.demo import run_demo
+    from difflab.demo import run_demo, run_digits_demo
 
     print(f"difflab demo: sampling an exact Gaussian-mixture denoiser with several solvers -> {args.out}/")
     run_demo(args.out, samples=args.samples)
     print(f"wrote {args.out}/solvers.png and {args.out}/error_vs_nfe.png")
+    if args.train_steps:
+        print(f"difflab demo: training the digits recipe ({args.config}) for {args.train_steps} steps")
+        try:
+            metrics = run_digits_demo(args.out, args.config, steps=args.train_steps, eval_samples=args.eval_samples)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"difflab demo: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}/digits.png (column k: digit k) and the run in {args.out}/digits-run/")
+        print(f"Fréchet distance {metrics['frechet_distance']:.2f} (real-data floor "
+              f"{metrics['noise_floor_frechet_distance']:.2f}), class accuracy {metrics['class_accuracy']:.1%}, "
+              f"precision {metrics['precision']:.2f}, recall {metrics['recall']:.2f}, "
+              f"nearest-training-image distance {metrics['memorisation_ratio']:.2f}x that between real digits")
     return 0
 
 
@@ -203,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="compare solvers on an exact Gaussian-mixture denoiser, write pictures")
     demo.add_argument("--out", type=_output_dir, default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--samples", type=_positive_int, default=2000, help="samples per solver (default: 2000)")
+    demo.add_argument("--train-steps", type=int, default=600,
+                      help="steps of digits training after the solver comparison (0: skip; default: 600)")
+    demo.add_argument("--eval-samples", type=_positive_int, default=1000, help="samples scored after training")
+    demo.add_argument("--config", default="configs/digits.yaml", help="the recipe to train")
     demo.set_defaults(run=_demo)
     listing = verbs.add_parser("solvers", help="list the solvers and sigma schedules")
     listing.set_defaults(run=_solvers)
