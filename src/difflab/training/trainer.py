@@ -17,7 +17,15 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
 from difflab import __version__
@@ -100,6 +108,9 @@ class Trainer:
         d = config.diffusion
         self.denoiser = Precond(self.network, d.parameterization, sigma_data=d.sigma_data)
         self.noise_levels = NOISE_LEVELS[d.noise_levels](**d.noise_options)
+        # Wrap first: FSDP replaces the parameters by shards, which the EMA and the optimizer must hold.
+        self.model = wrap(self.denoiser, t.distributed, self.world)
+        self.sharded = self.world.size > 1 and t.distributed == "fsdp"
         self.ema = EMA(self.network, decays=t.ema_decays, sigma_rels=t.ema_sigma_rels)
         self.optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
@@ -111,7 +122,6 @@ class Trainer:
         self.step, self.elapsed, self.images = 0, 0.0, 0
         if resume:
             self._load(ckpt.latest_checkpoint(self.checkpoints))
-        self.model = wrap(self.denoiser, t.distributed, self.world)
         if t.compile:
             self.model = torch.compile(self.model)
 
@@ -128,20 +138,27 @@ class Trainer:
     def _load(self, folder: Path | None) -> None:
         if folder is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints}")
-        self.network.load_state_dict(ckpt.load_tensors(folder / "model.safetensors"))
+        set_model_state_dict(self.network, ckpt.load_tensors(folder / "model.safetensors"),
+                             options=StateDictOptions(full_state_dict=True))
+        current = self.ema.state_dict()
         ema_state = {}
         for name in self.ema.names:
             for key, value in ckpt.load_tensors(folder / ema_file(name)).items():
-                ema_state[f"{name}/{key}"] = value
+                ema_state[f"{name}/{key}"] = _shard_like(value, current[f"{name}/{key}"])
         self.ema.load_state_dict(ema_state)
         meta = ckpt.read_json(folder / "trainer.json")
         tensors = ckpt.load_tensors(folder / "trainer.safetensors")
-        optimizer = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
-        self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(optimizer, meta["optimizer"]))
-        for param, state in self.optimizer.state.items():
-            for key, value in state.items():  # moments in the parameter's layout (channels-last convolutions):
-                if value.shape == param.shape:  # the fused kernel assumes it
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+        if (folder / "optimizer").is_dir():  # written sharded: DCP reads (and reshards) for any world size
+            state = get_optimizer_state_dict(self.network, self.optimizer)
+            dcp.load({"optimizer": state}, checkpoint_id=str(folder / "optimizer"))
+            set_optimizer_state_dict(self.network, self.optimizer, state)
+        else:
+            optimizer = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
+            self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(optimizer, meta["optimizer"]))
+            for param, state in self.optimizer.state.items():
+                for key, value in state.items():  # moments in the parameter's layout (channels-last
+                    if value.shape == param.shape:  # convolutions): the fused kernel assumes it
+                        state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
         torch.set_rng_state(tensors["rng.torch"])
         self.generator.set_state(tensors["rng.noise"])
         self.loader.load_state_dict(meta["data"])
@@ -178,7 +195,7 @@ class Trainer:
             loss.backward()
             total += loss.item()
         max_norm = self.config.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_norm).item()
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)).item()
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             latest = ckpt.latest_checkpoint(self.checkpoints)
@@ -246,16 +263,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ artefacts
     def save_checkpoint(self) -> None:
-        """Weights, EMAs and trainer state, written atomically by the main process (DDP: replicas agree)."""
+        """Weights, EMAs and trainer state, written atomically by the main process; under FSDP every process
+        helps gather full weights and writes its optimizer shards (``torch.distributed.checkpoint``)."""
+        model = {k: _full(v) for k, v in unwrapped_state_dict(self.network).items()}
+        averages = {name: {k: _full(v) for k, v in avg.items()} for name, avg in self.ema.averages().items()}
+        tmp = ckpt.begin(self.checkpoints, self.step) if self.world.main else None
+        self.world.barrier()
+        tmp = tmp or self.checkpoints / f".tmp-{ckpt.step_name(self.step)}"
+        if self.sharded:
+            dcp.save({"optimizer": get_optimizer_state_dict(self.network, self.optimizer)},
+                     checkpoint_id=str(tmp / "optimizer"))
         if self.world.main:
-            tmp = ckpt.begin(self.checkpoints, self.step)
             metadata = {"config": config_yaml(self.config), "step": str(self.step), "difflab": __version__}
-            ckpt.save_tensors(tmp / "model.safetensors", unwrapped_state_dict(self.network), metadata)
-            for name, average in self.ema.averages().items():
+            ckpt.save_tensors(tmp / "model.safetensors", model, metadata)
+            for name, average in averages.items():
                 ckpt.save_tensors(tmp / ema_file(name), average, {**metadata, "ema": name})
-            optimizer, settings = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
-            tensors = {f"optimizer.{k}": v for k, v in optimizer.items()}
-            tensors.update({"rng.torch": torch.get_rng_state(), "rng.noise": self.generator.get_state()})
+            tensors = {"rng.torch": torch.get_rng_state(), "rng.noise": self.generator.get_state()}
+            settings = None
+            if not self.sharded:
+                optimizer, settings = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
+                tensors.update({f"optimizer.{k}": v for k, v in optimizer.items()})
             ckpt.save_tensors(tmp / "trainer.safetensors", tensors)
             ckpt.write_json(tmp / "trainer.json", dict(
                 step=self.step, elapsed_seconds=self.elapsed, images=self.images, data=self.loader.state_dict(),
@@ -266,11 +293,11 @@ class Trainer:
 
     def save_ema_snapshot(self) -> None:
         """The power-function EMAs at this step, kept for post-hoc EMA (``difflab ema``)."""
+        tensors = {f"{name}/{k}": _full(v) for name, avg in self.ema.averages().items() if name.startswith("phema")
+                   for k, v in avg.items()}
         if self.world.main:
             folder = self.run_dir / "ema-snapshots"
             folder.mkdir(exist_ok=True)
-            tensors = {f"{name}/{k}": v for name, avg in self.ema.averages().items() if name.startswith("phema")
-                       for k, v in avg.items()}
             gammas = {name: repr(gamma) for name, gamma in self.ema.gammas.items()}
             tmp = folder / f".tmp-{ckpt.step_name(self.step)}.safetensors"
             ckpt.save_tensors(tmp, tensors, {"step": str(self.step), **gammas})
@@ -279,14 +306,14 @@ class Trainer:
 
     def save_samples(self) -> Path | None:
         """A grid of samples from the first EMA (balanced over classes) in ``samples/``."""
-        path = None
+        s, path = self.config.sample, None
+        name = s.ema or (self.ema.names[0] if self.ema.names else None)
+        weights = self.ema.average(name) if name else unwrapped_state_dict(self.network)
+        state = {k: _full(v) for k, v in weights.items()}  # every process takes part in gathering shards
         if self.world.main:
             from difflab.evaluation.plots import save_image_grid
             from difflab.sampling.generate import generate
 
-            s = self.config.sample
-            name = s.ema or (self.ema.names[0] if self.ema.names else None)
-            state = self.ema.average(name) if name else unwrapped_state_dict(self.network)
             denoiser = make_denoiser(self.config, state, self.world.device)
             classes = self.dataset.num_classes
             images, _ = generate(denoiser, tuple(self.dataset.images.shape[1:]), s.n, num_classes=classes,
@@ -296,6 +323,18 @@ class Trainer:
                                    columns=classes or None)
         self.world.barrier()
         return path
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every process must call it), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A full tensor cut into the shards of ``like`` (an FSDP DTensor), or the tensor itself."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
+    return full
 
 
 def _fused(device: torch.device) -> dict:
