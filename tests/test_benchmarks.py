@@ -79,3 +79,33 @@ def test_models_benchmark_rejects_bad_arguments(models_module, capsys, args, mes
     with pytest.raises(SystemExit) as exit_info:
         models_module.main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture
+def digits_module(monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import digits_quality
+
+    yield digits_quality
+    sys.modules.pop("digits_quality", None)
+
+
+def test_digits_quality_benchmark_smoke(digits_module, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "digits.json"
+    digits_module.main(["--quick", "--json", str(out), "--plots", str(tmp_path), "--run-dir", str(tmp_path / "run"),
+                        "--threads", "1"])
+    assert "peer / difflab" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["parameters"]["diffusers"] > 6e6  # the peer's 6.5 M-parameter U-Net
+    for name in ("difflab", "diffusers"):
+        assert [row["minutes"] for row in report["curves"][name]] == [0.02, 0.04]
+        assert all(row["images_seen"] > 0 and row["frechet_distance"] > 0 for row in report["curves"][name])
+    assert (tmp_path / "digits_quality.png").exists() and (tmp_path / "digits_samples_difflab.png").exists()
+
+
+def test_digits_quality_benchmark_rejects_bad_minutes(digits_module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        digits_module.main(["--minutes", "5,1"])
+    assert exit_info.value.code == 2 and "increasing" in capsys.readouterr().err
