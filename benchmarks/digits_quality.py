@@ -174,7 +174,7 @@ def print_table(report: dict) -> None:
           f"{'peer acc':>9s}")
     for row, ours, theirs in zip(report["summary"], report["curves"]["difflab"], report["curves"]["diffusers"],
                                  strict=True):
-        print(f"{row["minutes"]:8.2f} {row['difflab_fd']:10.2f} {row['peer_fd']:10.2f} {row['fd_ratio']:15.2f} "
+        print(f"{row['minutes']:8.2f} {row['difflab_fd']:10.2f} {row['peer_fd']:10.2f} {row['fd_ratio']:15.2f} "
               f"{ours.get('class_accuracy', float('nan')):12.3f} {theirs.get('class_accuracy', float('nan')):9.3f}")
 
 
