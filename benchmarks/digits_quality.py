@@ -189,7 +189,7 @@ def plot(report: dict, path: Path) -> None:
         rows = report["curves"][name]
         ax.plot([r["minutes"] for r in rows], [r["frechet_distance"] for r in rows], style, label=name)
     ax.axhline(report["noise_floor_frechet_distance"], color="grey", linestyle=":",
-               label="noise floor (real vs real)")
+               label="noise floor: two halves of the real digits (n = 898)")
     ax.set_xlabel("training minutes (2-core CPU)")
     ax.set_ylabel("Fréchet distance (digit features)")
     ax.set_yscale("log")

@@ -91,6 +91,7 @@ def digits_module(monkeypatch):
     sys.modules.pop("digits_quality", None)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside diffusers' DPM-Solver
 def test_digits_quality_benchmark_smoke(digits_module, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "digits.json"

@@ -111,6 +111,8 @@ def test_resume_after_stop_continues_the_same_losses(tmp_path):
     train(tmp_path / "parts", "train.steps=4")  # stops at 4 (checkpoint at 3 and 4)
     train(tmp_path / "parts", resume=True)
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    train(tmp_path / "fresh", resume=True)  # nothing to resume yet: starts from step 0
+    assert losses(tmp_path / "fresh") == losses(tmp_path / "whole")
 
 
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_losses(tmp_path):
@@ -234,3 +236,11 @@ def test_compile_and_activation_checkpointing_are_config_flags(tmp_path):
     train(tmp_path / "flags", "train.steps=2", "train.compile=true", "model.checkpointing=true")
     np.testing.assert_allclose(np.array(losses(tmp_path / "flags"), float),
                                np.array(losses(tmp_path / "plain"), float), rtol=1e-4)
+
+
+def test_bfloat16_autocast_trains(tmp_path):
+    train(tmp_path / "bf16", "train.steps=3", "train.precision=bfloat16")
+    values = np.array(losses(tmp_path / "bf16"), float)
+    assert np.isfinite(values).all()
+    train(tmp_path / "fp32", "train.steps=3")
+    np.testing.assert_allclose(values, np.array(losses(tmp_path / "fp32"), float), rtol=0.05)

@@ -136,8 +136,11 @@ class Trainer:
         (self.run_dir / "samples").mkdir(exist_ok=True)
 
     def _load(self, folder: Path | None) -> None:
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.checkpoints}")
+        if folder is None:  # killed before its first checkpoint: nothing to resume, start afresh
+            if self.world.main:
+                print(f"difflab train: no complete checkpoint in {self.checkpoints}; starting from step 0")
+                _truncate_metrics(self.run_dir / "metrics.csv", 0)
+            return
         set_model_state_dict(self.network, ckpt.load_tensors(folder / "model.safetensors"),
                              options=StateDictOptions(full_state_dict=True))
         current = self.ema.state_dict()
