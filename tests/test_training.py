@@ -244,3 +244,46 @@ def test_bfloat16_autocast_trains(tmp_path):
     assert np.isfinite(values).all()
     train(tmp_path / "fp32", "train.steps=3")
     np.testing.assert_allclose(values, np.array(losses(tmp_path / "fp32"), float), rtol=0.05)
+
+
+def test_posthoc_ema_verb_reconstructs_a_sampleable_average(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run, "train.steps=30", "train.ema_sigma_rels=[0.05, 0.1]", "train.ema_snapshot_every=4",
+          "train.checkpoint_every=10")
+    assert len(list((run / "ema-snapshots").glob("step-*.safetensors"))) == 8  # 4, 8, ..., 28 and 30
+    assert main(["ema", str(run), "--sigma-rel", "0.05", "--sigma-rel", "0.07"]) == 0
+    folder = run / "checkpoints" / "step-0000030"
+    stored = ckpt.load_tensors(folder / "ema-phema-0.050.safetensors")
+    rebuilt = ckpt.load_tensors(folder / "ema-posthoc-0.050.safetensors")
+    for key, value in stored.items():  # a stored profile is reconstructed (almost) exactly
+        torch.testing.assert_close(rebuilt[key], value, rtol=1e-3, atol=1e-5)
+    assert main(["sample", str(run), "--ema", "posthoc-0.070", "--n", "4", "--steps", "2", "--out",
+                 str(tmp_path / "p.png"), "--no-progress"]) == 0
+    assert main(["ema", str(tmp_path), "--sigma-rel", "0.05"]) == 2
+    assert "no EMA snapshots" in capsys.readouterr().err
+
+
+def test_eval_verb_writes_metrics_and_a_picture(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train(run, "train.steps=2")
+    assert main(["eval", str(run), "--n", "50", "--no-progress"]) == 0
+    report = json.loads((run / "eval" / "step-0000002-ema-0.9.json").read_text())
+    assert {"frechet_distance", "precision", "recall", "class_accuracy", "memorisation_ratio",
+            "noise_floor_frechet_distance"} <= set(report)
+    assert report["frechet_distance"] > report["noise_floor_frechet_distance"]  # 2 steps of training
+    assert (run / "eval" / "step-0000002-ema-0.9.png").exists()
+
+    class Pixels(torch.nn.Module):  # a user's own feature network, shipped as TorchScript
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)
+
+    with pytest.warns(DeprecationWarning):
+        torch.jit.save(torch.jit.script(Pixels()), str(tmp_path / "pixels.pt"))
+    assert main(["eval", str(run), "--n", "30", "--no-progress", "--features", str(tmp_path / "pixels.pt"),
+                 "--out", str(tmp_path / "pixels.json")]) == 0
+    report = json.loads((tmp_path / "pixels.json").read_text())
+    assert report["features"].endswith("pixels.pt") and "class_accuracy" not in report  # no logits
+    (tmp_path / "pickle.pt").write_bytes(b"not torchscript")
+    assert main(["eval", str(run), "--n", "10", "--features", str(tmp_path / "pickle.pt"), "--no-progress"]) == 2
+    assert "TorchScript" in capsys.readouterr().err

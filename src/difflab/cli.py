@@ -136,6 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from difflab.data import load_dataset
+    from difflab.evaluation.features import FeatureExtractor, feature_network, load_feature_extractor
     from difflab.evaluation.report import noise_floor, sample_metrics, save_nearest_pairs
     from difflab.sampling.generate import generate
     from difflab.training.run import load_run
@@ -147,12 +148,17 @@ def _eval(args: argparse.Namespace) -> int:
         images, labels = generate(run.denoiser, run.sample_shape, args.n, num_classes=run.num_classes,
                                   class_label="balanced" if run.num_classes else None, seed=args.seed,
                                   progress=not args.no_progress, **sampling_options(run.config))
-        metrics = sample_metrics(images, labels, dataset)
+        if args.features:  # the user's own feature network (e.g. an Inception), as TorchScript
+            extractor = load_feature_extractor(args.features)
+        else:
+            extractor = FeatureExtractor.from_network(feature_network(dataset.images, dataset.labels))
+        metrics = sample_metrics(images, labels, dataset, extractor)
     except (ValueError, FileNotFoundError) as exc:
         print(f"difflab eval: error: {exc}", file=sys.stderr)
         return 2
-    metrics.update(noise_floor_frechet_distance=noise_floor(dataset), checkpoint=str(run.checkpoint),
-                   weights=run.weights, solver=run.config.sample.solver, steps=run.config.sample.steps)
+    metrics.update(noise_floor_frechet_distance=noise_floor(dataset, extractor), checkpoint=str(run.checkpoint),
+                   weights=run.weights, solver=run.config.sample.solver, steps=run.config.sample.steps,
+                   features=str(args.features) if args.features else "difflab digit classifier")
     out = args.out or args.run_dir / "eval" / f"{run.checkpoint.name}-{run.weights}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
@@ -252,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ema", help="which EMA (default: the run's first) or 'none'")
     evaluate.add_argument("--checkpoint", type=_positive_int, help="the step to load (default: latest)")
     evaluate.add_argument("--out", type=Path, help="metrics JSON (default: RUN/eval/<checkpoint>-<weights>.json)")
+    evaluate.add_argument("--features", type=Path,
+                          help="a TorchScript feature network (images in [-1, 1] -> features) instead of the "
+                               "digit classifier difflab trains and caches")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_eval)
     ema = verbs.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length from a run's snapshots (EDM2)")

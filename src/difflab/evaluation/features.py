@@ -108,6 +108,10 @@ class FeatureExtractor:
         """Features (N, D) of images (N, C, H, W) in [-1, 1]."""
         return self._batched(self.features, images)
 
+    @property
+    def has_logits(self) -> bool:
+        return self._logits is not None
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (N, num_classes) of images (N, C, H, W) in [-1, 1]."""
         if self._logits is None:

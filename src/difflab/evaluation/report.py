@@ -33,7 +33,7 @@ def sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, dataset: I
     metrics = dict(n=len(images), frechet_distance=frechet_distance(fake, real), precision=precision,
                    recall=recall, nearest_train_distance=sample_nn, real_nearest_distance=real_nn,
                    memorisation_ratio=sample_nn / real_nn)
-    if labels is not None and extractor.logits is not None and (labels >= 0).all():
+    if labels is not None and extractor.has_logits and (labels >= 0).all():
         metrics["class_accuracy"] = classification_accuracy(extractor.logits(images), labels)
     return metrics
 
