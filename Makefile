@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/difflab demo --out out/demo
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/difflab demo --out out/demo
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q

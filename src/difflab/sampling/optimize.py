@@ -46,6 +46,17 @@ _STARTING_POINTS = (
 )
 
 
+def candidate_schedules(steps: int, sigma_min: float, sigma_max: float) -> list[torch.Tensor]:
+    """The closed-form starting points of a search: every closed-form schedule, and its grids one or two
+    steps longer without their first or last nodes (which start late or end early)."""
+    candidates = []
+    for schedule in _STARTING_POINTS:
+        for extra in (0, 1, 2):
+            grid = schedule(steps + extra, sigma_min, sigma_max)
+            candidates += [torch.cat([grid[k:steps + k], grid.new_zeros(1)]) for k in range(extra + 1)]
+    return candidates
+
+
 def default_cache_path() -> Path:
     """``$DIFFLAB_CACHE/optimized_schedules.json``, else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
     root = os.environ.get("DIFFLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difflab"
@@ -73,17 +84,18 @@ def fingerprint(denoiser: Callable) -> str | None:
     return None
 
 
-def _sigmas_from_logits(logits: np.ndarray, sigma_min: float, sigma_max: float) -> torch.Tensor:
+def _sigmas_from_logits(logits: np.ndarray | torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """Nodes within [sigma_min, sigma_max]: the log-sigma range is split into len(logits) + 1 gaps by
     softmax(logits, 0). The first gap lies above the first node and the last below the last node; both
-    are left untraversed, as "leading" and "trailing" spacings do."""
-    z = np.append(logits, 0.0)
-    shares = np.exp(z - z.max())
-    floor = _min_share(z.size)
-    shares = floor + (1 - floor * z.size) * shares / shares.sum()
+    are left untraversed, as "leading" and "trailing" spacings do. Differentiable in torch ``logits``
+    (the bespoke solver learns its steps through it)."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    z = torch.cat([logits, logits.new_zeros(1)])
+    floor = _min_share(z.numel())
+    shares = floor + (1 - floor * z.numel()) * torch.softmax(z, 0)
     gaps = (math.log(sigma_max) - math.log(sigma_min)) * shares
-    log_sigmas = math.log(sigma_max) - np.cumsum(gaps[:-1])
-    return _append_zero(torch.from_numpy(np.exp(log_sigmas)).clamp(sigma_min, sigma_max))
+    log_sigmas = math.log(sigma_max) - torch.cumsum(gaps[:-1], 0)
+    return _append_zero(log_sigmas.exp().clamp(sigma_min, sigma_max))
 
 
 def _logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float, sigma_max: float) -> np.ndarray:
@@ -152,12 +164,7 @@ def optimized(
             return rmse(run(denoiser, x, sigmas, generator=torch.Generator(x.device).manual_seed(seed), **cond),
                         reference)
 
-        candidates = []
-        for schedule in _STARTING_POINTS:
-            # A grid one or two steps longer without its first or last nodes starts late or ends early.
-            for extra in (0, 1, 2):
-                grid = schedule(steps + extra, sigma_min, sigma_max)
-                candidates += [torch.cat([grid[k:steps + k], grid.new_zeros(1)]) for k in range(extra + 1)]
+        candidates = candidate_schedules(steps, sigma_min, sigma_max)
         best_error, best = min(((error(c), c) for c in candidates), key=lambda pair: pair[0])
         best, best_error = _powell(error, best, best_error, sigma_min, sigma_max, max_evals or 60 * steps, progress)
 
