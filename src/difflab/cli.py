@@ -218,7 +218,7 @@ def _output_dir(text: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description="Diffusion models for images and video.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    demo = verbs.add_parser("demo", help="compare solvers on an exact Gaussian-mixture denoiser, write pictures")
+    demo = verbs.add_parser("demo", help="compare solvers on an exact denoiser, train a digits model, write pictures")
     demo.add_argument("--out", type=_output_dir, default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--samples", type=_positive_int, default=2000, help="samples per solver (default: 2000)")
     demo.add_argument("--train-steps", type=int, default=600,
