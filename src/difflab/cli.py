@@ -136,29 +136,22 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from difflab.data import load_dataset
-    from difflab.evaluation.features import FeatureExtractor, feature_network, load_feature_extractor
-    from difflab.evaluation.report import noise_floor, sample_metrics, save_nearest_pairs
-    from difflab.sampling.generate import generate
-    from difflab.training.run import load_run
-    from difflab.training.trainer import sampling_options
+    from difflab.evaluation.features import load_feature_extractor
+    from difflab.evaluation.report import save_nearest_pairs
+    from difflab.training.run import evaluate, load_run
 
     try:
         run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
-        dataset = load_dataset(run.config.data.dataset)
-        images, labels = generate(run.denoiser, run.sample_shape, args.n, num_classes=run.num_classes,
-                                  class_label="balanced" if run.num_classes else None, seed=args.seed,
-                                  progress=not args.no_progress, **sampling_options(run.config))
-        if args.features:  # the user's own feature network (e.g. an Inception), as TorchScript
-            extractor = load_feature_extractor(args.features)
-        else:
-            extractor = FeatureExtractor.from_network(feature_network(dataset.images, dataset.labels))
-        metrics = sample_metrics(images, labels, dataset, extractor)
+        # The user's own feature network (e.g. an Inception) as TorchScript, or difflab's digit classifier.
+        extractor = load_feature_extractor(args.features) if args.features else None
+        metrics, images = evaluate(run, args.n, seed=args.seed, extractor=extractor, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
         print(f"difflab eval: error: {exc}", file=sys.stderr)
         return 2
-    metrics.update(noise_floor_frechet_distance=noise_floor(dataset, extractor), checkpoint=str(run.checkpoint),
-                   weights=run.weights, solver=run.config.sample.solver, steps=run.config.sample.steps,
+    metrics.update(checkpoint=str(run.checkpoint), weights=run.weights, solver=run.config.sample.solver,
+                   steps=run.config.sample.steps,
                    features=str(args.features) if args.features else "difflab digit classifier")
+    dataset = load_dataset(run.config.data.dataset)
     out = args.out or args.run_dir / "eval" / f"{run.checkpoint.name}-{run.weights}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))

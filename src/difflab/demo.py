@@ -55,10 +55,8 @@ def run_digits_demo(out: str | Path, config: str | Path = "configs/digits.yaml",
                     eval_samples: int = 1000, progress: bool = True) -> dict:
     """Train the digits recipe for ``steps`` steps into ``out/digits-run``, write a labelled sample grid and
     score the samples; return the metrics."""
-    from difflab.data import load_dataset
-    from difflab.evaluation.report import noise_floor, sample_metrics
     from difflab.training import Trainer, load_run_config
-    from difflab.training.run import load_run, write_samples
+    from difflab.training.run import evaluate, load_run, write_samples
 
     out = Path(out)
     run_dir = out / "digits-run"
@@ -70,10 +68,4 @@ def run_digits_demo(out: str | Path, config: str | Path = "configs/digits.yaml",
     Trainer(load_run_config(config, overrides), run_dir, progress=progress).fit()
     run = load_run(run_dir)
     write_samples(run, out / "digits.png", n=100, class_label="balanced")
-    from difflab.sampling.generate import generate
-    from difflab.training.trainer import sampling_options
-
-    images, labels = generate(run.denoiser, run.sample_shape, eval_samples, num_classes=run.num_classes,
-                              class_label="balanced", progress=progress, **sampling_options(run.config))
-    dataset = load_dataset(run.config.data.dataset)
-    return {**sample_metrics(images, labels, dataset), "noise_floor_frechet_distance": noise_floor(dataset)}
+    return evaluate(run, eval_samples, progress=progress)[0]

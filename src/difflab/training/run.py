@@ -55,20 +55,40 @@ def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None
     return Run(config, make_denoiser(config, ckpt.load_tensors(path), device), folder, weights)
 
 
+def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool = False, **options):
+    """(images, labels) from a run with its ``sample:`` settings (``options`` override them); sample i uses
+    seed ``seed + i``. ``class_label="balanced"`` falls back to unconditional for unconditional models."""
+    from difflab.sampling.generate import generate
+
+    if not run.num_classes and class_label == "balanced":
+        class_label = None
+    return generate(run.denoiser, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
+                    seed=seed, progress=progress, **{**sampling_options(run.config), **options})
+
+
+def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = False) -> tuple[dict, torch.Tensor]:
+    """Score ``n`` class-balanced samples of a run against its data set (metrics and the noise floor)."""
+    from difflab.data import load_dataset
+    from difflab.evaluation.features import FeatureExtractor, feature_network
+    from difflab.evaluation.report import noise_floor, sample_metrics
+
+    dataset = load_dataset(run.config.data.dataset)
+    extractor = extractor or FeatureExtractor.from_network(feature_network(dataset.images, dataset.labels))
+    images, labels = draw(run, n, seed=seed, progress=progress)
+    metrics = sample_metrics(images, labels, dataset, extractor)
+    metrics["noise_floor_frechet_distance"] = noise_floor(dataset, extractor)
+    return metrics, images
+
+
 def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", seed: int = 0, progress: bool = False,
                   **options) -> Path:
     """Sample a run into a PNG grid or an ``.npz`` archive (``images`` uint8 NHWC, ``labels`` int64)."""
     from difflab.evaluation.plots import save_image_grid
-    from difflab.sampling.generate import generate
 
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz, got {out.name!r}")
-    if not run.num_classes and class_label == "balanced":
-        class_label = None
-    images, labels = generate(run.denoiser, run.sample_shape, n, num_classes=run.num_classes,
-                              class_label=class_label, seed=seed, progress=progress,
-                              **{**sampling_options(run.config), **options})
+    images, labels = draw(run, n, class_label, seed, progress, **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         columns = run.num_classes if class_label == "balanced" else None
