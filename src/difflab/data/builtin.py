@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import math
+import os
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -13,9 +19,10 @@ class ImageDataset:
     """Images in [-1, 1], channels first (N, C, H, W), with optional class labels (N,)."""
 
     name: str
-    images: torch.Tensor
+    images: torch.Tensor  # (N, C, H, W), or (N, C, T, H, W) for video
     labels: torch.Tensor | None = None
     class_names: tuple[str, ...] = ()
+    extras: dict = field(default_factory=dict)  # per-sample tensors (N, ...), e.g. moving-digits' trajectories
 
     @property
     def num_classes(self) -> int:
@@ -26,7 +33,8 @@ class ImageDataset:
 
     def subset(self, indices: torch.Tensor) -> ImageDataset:
         labels = None if self.labels is None else self.labels[indices]
-        return ImageDataset(self.name, self.images[indices], labels, self.class_names)
+        extras = {key: value[indices] for key, value in self.extras.items()}
+        return ImageDataset(self.name, self.images[indices], labels, self.class_names, extras)
 
     def split(self, held_out: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
         """(train, held-out) with a fixed random permutation, e.g. for a metric's noise floor."""
@@ -45,14 +53,80 @@ def digits() -> ImageDataset:
     return ImageDataset("digits", images, labels, tuple(str(c) for c in data.target_names))
 
 
-DATASETS: dict[str, Callable[[], ImageDataset]] = {"digits": digits}
+FASHION_MNIST = Path(os.environ.get("DIFFLAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (LeCun's MNIST format, optionally gzipped): magic 0x08 0xND, N big-endian sizes, uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    dims = data[3]
+    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if array.size != math.prod(shape):
+        raise ValueError(f"{path} is truncated: expected {math.prod(shape)} values, found {array.size}")
+    return array.reshape(shape)
+
+
+def fashion_mnist() -> ImageDataset:
+    """Fashion-MNIST (Xiao et al. 2017): 70,000 28x28 grey images of 10 clothing classes (60k train + 10k test),
+    read from Debian's ``dataset-fashion-mnist`` package (or ``$DIFFLAB_FASHION_MNIST``)."""
+    files = [FASHION_MNIST / f"{split}-{kind}-idx{dims}-ubyte.gz" for split in ("train", "t10k")
+             for kind, dims in (("images", 3), ("labels", 1))]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"fashion-mnist is not installed ({missing[0]} is missing): run `sudo apt-get update && sudo apt-get "
+            "install dataset-fashion-mnist`, or set DIFFLAB_FASHION_MNIST to a folder with its four IDX files"
+        )
+    images = np.concatenate([read_idx(files[0]), read_idx(files[2])])
+    labels = np.concatenate([read_idx(files[1]), read_idx(files[3])])
+    if len(images) != len(labels):
+        raise ValueError(f"fashion-mnist: {len(images)} images but {len(labels)} labels")
+    tensor = torch.from_numpy(images.copy()).float().div(127.5).sub(1)[:, None]  # (N, 1, 28, 28) in [-1, 1]
+    return ImageDataset("fashion-mnist", tensor, torch.from_numpy(labels.astype(np.int64)), FASHION_CLASSES)
+
+
+def moving_digits(frames: int = 8, size: int = 24, seed: int = 0) -> ImageDataset:
+    """Video of the 1,797 real digits moving on a dark canvas, bouncing off the walls (N, 1, T, size, size).
+
+    Each clip's start position and integer velocity (1-2 pixels a frame per axis) come from ``seed``, so the
+    set is the same everywhere; ``trajectories`` (N, T, 2) holds every frame's top-left (row, column).
+    """
+    still = digits()
+    generator = torch.Generator().manual_seed(seed)
+    count, room = len(still), size - 8
+    position = torch.randint(0, room + 1, (count, 2), generator=generator)
+    speed = torch.randint(1, 3, (count, 2), generator=generator)
+    velocity = speed * (torch.randint(0, 2, (count, 2), generator=generator) * 2 - 1)
+    clips = torch.full((count, 1, frames, size, size), -1.0)
+    trajectories = torch.empty(count, frames, 2, dtype=torch.long)
+    for t in range(frames):
+        trajectories[:, t] = position
+        for i in range(count):
+            r, c = position[i].tolist()
+            clips[i, 0, t, r : r + 8, c : c + 8] = still.images[i, 0]
+        position = position + velocity  # reflect off the walls
+        low, high = position < 0, position > room
+        position = torch.where(low, -position, torch.where(high, 2 * room - position, position))
+        velocity = torch.where(low | high, -velocity, velocity)
+    return ImageDataset("moving-digits", clips, still.labels, still.class_names, {"trajectories": trajectories})
+
+
+DATASETS: dict[str, Callable[[], ImageDataset]] = {
+    "digits": digits, "moving-digits": moving_digits, "fashion-mnist": fashion_mnist,
+}
 
 
 def load_dataset(name: str) -> ImageDataset:
-    try:
-        return DATASETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown data set {name!r}; built in: {', '.join(DATASETS)}") from None
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; built in: {', '.join(DATASETS)}")
+    return DATASETS[name]()
 
 
 class BatchLoader:

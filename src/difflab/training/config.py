@@ -157,6 +157,8 @@ def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
     model.setdefault("in_channels", dataset.images.shape[1])
     model.setdefault("resolution", dataset.images.shape[-1])
     model.setdefault("num_classes", dataset.num_classes)
+    if dataset.images.ndim == 5:  # video (N, C, T, H, W)
+        model.setdefault("frames", dataset.images.shape[2])
     network = network_config(model)  # validates the model section
     if network.in_channels != dataset.images.shape[1] or network.resolution != dataset.images.shape[-1]:
         raise ConfigError(
