@@ -69,3 +69,22 @@ def test_loader_shards_by_rank_and_resumes_at_any_batch():
         torch.testing.assert_close(next(resumed)[0], batches[step])
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         BatchLoader(data, 64, world_size=3)
+
+
+@pytest.mark.parametrize("name", ["ring", "swiss_roll", "checkerboard"])
+def test_toys_are_seeded_point_sets_in_the_unit_box(name):
+    from difflab.data import TOYS
+
+    points = TOYS[name](5000, seed=1)
+    assert points.shape == (5000, 2) and points.abs().max() < 1.3
+    assert torch.equal(points, TOYS[name](5000, seed=1)) and not torch.equal(points, TOYS[name](5000, seed=2))
+
+
+def test_toy_shapes():
+    from difflab.data import checkerboard, ring
+
+    board = checkerboard(20000)
+    cells = ((board + 1) * 2).floor().long().clamp(0, 3)
+    assert ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()  # only dark squares
+    radii = ring(20000, std=0.01).norm(dim=1)
+    assert (radii - 1).abs().max() < 0.06

@@ -1,5 +1,7 @@
-"""The data stage: built-in data sets and loaders (curation, shards and streaming come later)."""
+"""The data stage: built-in data sets, 2-D toys and loaders (curation, shards and streaming come later)."""
 
-from difflab.data.builtin import DATASETS, BatchLoader, ImageDataset, digits, load_dataset
+from difflab.data.builtin import DATASETS, BatchLoader, ImageDataset, digits, fashion_mnist, load_dataset, moving_digits
+from difflab.data.toys import TOYS, checkerboard, ring, swiss_roll
 
-__all__ = ["DATASETS", "BatchLoader", "ImageDataset", "digits", "load_dataset"]
+__all__ = ["DATASETS", "TOYS", "BatchLoader", "ImageDataset", "checkerboard", "digits", "fashion_mnist",
+           "load_dataset", "moving_digits", "ring", "swiss_roll"]
