@@ -88,3 +88,87 @@ def test_toy_shapes():
     assert ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()  # only dark squares
     radii = ring(20000, std=0.01).norm(dim=1)
     assert (radii - 1).abs().max() < 0.06
+
+
+def _png(path, mode="RGB", size=(6, 4), color=(200, 10, 10)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+
+
+def test_folder_source_reads_labels_captions_and_metadata(tmp_path):
+    import json as json_
+
+    from difflab.data.sources import scan_folder
+
+    _png(tmp_path / "cats" / "a.png")
+    (tmp_path / "cats" / "a.txt").write_text("  a red cat \n")
+    _png(tmp_path / "dogs" / "deep" / "b.png")
+    (tmp_path / "dogs" / "deep" / "b.json").write_text(json_.dumps({"caption": "a dog"}))
+    _png(tmp_path / "c.png")
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "metadata.jsonl").write_text(json_.dumps({"file_name": "c.png", "caption": "top", "label": 7}) + "\n")
+    records = {r.path: r for r in scan_folder(tmp_path)}
+    assert set(records) == {"cats/a.png", "dogs/deep/b.png", "c.png", "notes.md"}
+    assert (records["cats/a.png"].label, records["cats/a.png"].caption) == ("cats", "a red cat")
+    assert (records["dogs/deep/b.png"].label, records["dogs/deep/b.png"].caption) == ("dogs", "a dog")
+    assert (records["c.png"].label, records["c.png"].caption) == ("7", "top")
+    with pytest.raises(ValueError, match="is not a folder"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        scan_folder(tmp_path / "empty")
+
+
+def test_images_are_normalised_whatever_their_mode(tmp_path):
+    from PIL import Image
+
+    from difflab.data.sources import load_image, to_tensor
+
+    _png(tmp_path / "cmyk.jpg", "CMYK", color=(0, 255, 255, 0))
+    _png(tmp_path / "palette.png", "P", color=3)
+    _png(tmp_path / "grey16.png", "I;16", color=4000)
+    _png(tmp_path / "clear.png", "RGBA", color=(0, 0, 0, 0))
+    rotated = Image.new("RGB", (6, 4), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    for name in ("cmyk.jpg", "palette.png", "grey16.png", "clear.png"):
+        image = load_image(tmp_path / name)
+        assert image.mode == "RGB" and image.size == (6, 4), name
+    assert to_tensor(load_image(tmp_path / "clear.png")).min() == 1  # transparent -> white
+    assert to_tensor(load_image(tmp_path / "grey16.png")).max() == 1  # 16-bit scaled, not clipped to black
+    assert load_image(tmp_path / "rotated.jpg").size == (4, 6)
+    tensor = to_tensor(load_image(tmp_path / "cmyk.jpg", mode="L"))
+    assert tensor.shape == (1, 4, 6) and -1 <= tensor.min() and tensor.max() <= 1
+    data = (tmp_path / "palette.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError):
+        load_image(tmp_path / "truncated.png")
+
+
+def test_manifest_and_npz_sources(tmp_path):
+    from difflab.data.sources import read_manifest, read_npz
+
+    (tmp_path / "m.jsonl").write_text('{"path": "x.png", "caption": "hi", "label": 2}\n\n{"path": "y.png"}\n')
+    assert [(r.path, r.label, r.caption) for r in read_manifest(tmp_path / "m.jsonl")] == [
+        ("x.png", "2", "hi"), ("y.png", None, None)]
+    (tmp_path / "bad.jsonl").write_text('{"caption": "no path"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: a manifest line needs a path"):
+        read_manifest(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="broken.jsonl:1: not JSON"):
+        read_manifest(tmp_path / "broken.jsonl")
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)  # as `difflab sample` writes
+    np.savez(tmp_path / "s.npz", images=pixels, labels=np.arange(5))
+    images, labels, captions = read_npz(tmp_path / "s.npz")
+    assert images.shape == (5, 1, 8, 8) and labels.tolist() == [0, 1, 2, 3, 4] and captions is None
+    np.testing.assert_allclose(((images + 1) * 127.5).round().movedim(1, -1).numpy(), pixels)
+    np.savez(tmp_path / "wrong.npz", pictures=pixels)
+    with pytest.raises(ValueError, match="has no 'images' array"):
+        read_npz(tmp_path / "wrong.npz")
+    np.savez(tmp_path / "short.npz", images=pixels, labels=np.arange(3))
+    with pytest.raises(ValueError, match="5 images but 3 labels"):
+        read_npz(tmp_path / "short.npz")
