@@ -186,6 +186,62 @@ def _sigma_rel(text: str) -> float:
     return value
 
 
+def _curation_input(args: argparse.Namespace):
+    """(root, records, config) of a ``data`` verb: a folder or a JSON Lines manifest, and --set thresholds."""
+    from difflab.config import apply_overrides, build
+    from difflab.data.curate import CurationConfig
+    from difflab.data.sources import read_manifest, scan_folder
+
+    source = Path(args.source)
+    if source.is_file():
+        root, records = source.parent, read_manifest(source)
+    elif source.is_dir():
+        root, records = source, scan_folder(source)
+    else:
+        raise ValueError(f"source {str(source)!r} does not exist")
+    config = build(CurationConfig, apply_overrides({}, args.set), prefix="curate")
+    return root, records, config
+
+
+def _data_curate(args: argparse.Namespace) -> int:
+    from difflab.data.curate import curate
+    from difflab.data.curation_report import write_curation
+
+    try:
+        root, records, config = _curation_input(args)
+        items = curate(root, records, config, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"difflab data curate: error: {exc}", file=sys.stderr)
+        return 2
+    result = write_curation(args.out, root, items)
+    removed = ", ".join(f"{n} {reason}" for reason, n in result["counts"].items() if n) or "nothing"
+    print(f"difflab data curate: kept {result['kept']} of {result['total']} ({removed}); "
+          f"wrote {args.out}/manifest.jsonl, report.json and report.html")
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.data.curate import curate, report, statistics
+
+    try:
+        root, records, config = _curation_input(args)
+        items = curate(root, records, config, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"difflab data stats: error: {exc}", file=sys.stderr)
+        return 2
+    result = report(items)
+    print(f"{result['total']} items, {result['kept']} would be kept")
+    for reason, n in result["counts"].items():
+        print(f"  {reason:18s}{n}")
+    print(f"classes: {json.dumps(result['classes'])} (imbalance {result['class_imbalance']:.2f})")
+    for name, summary in statistics(items).items():
+        if summary:
+            print(f"  {name:18s}min {summary['min']:.4g}  median {summary['median']:.4g}  max {summary['max']:.4g}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -261,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--sigma-rel", type=_sigma_rel, action="append", required=True,
                      help="relative EMA width, e.g. 0.05 (repeatable)")
     ema.set_defaults(run=_ema)
+    data = verbs.add_parser("data", help="curate a source of images (folder or manifest), or print its statistics")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    for name, run, text in (("curate", _data_curate, "find and remove bad items; write a manifest and a report"),
+                            ("stats", _data_stats, "print the curation statistics without writing anything")):
+        action = data_verbs.add_parser(name, help=text)
+        action.add_argument("source", help="an image folder or a JSON Lines manifest")
+        if name == "curate":
+            action.add_argument("--out", type=_output_dir, required=True, help="folder for manifest and report")
+        action.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="a curation threshold, e.g. --set min_size=32 (repeatable)")
+        action.add_argument("--no-progress", action="store_true", help="no progress bar")
+        action.set_defaults(run=run)
     info = verbs.add_parser("model-info", help="parameters, FLOPs and activation memory of a network config")
     info.add_argument("config", help="a preset name (e.g. dit_s_2, unet_32) or a YAML file with a model: section")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
