@@ -122,3 +122,26 @@ def test_data_verbs_give_one_line_errors(tmp_path, capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_shard_a_curated_manifest_and_train_on_it(tmp_path, capsys):
+    from difflab.data import load_dataset
+    from difflab.training import Trainer, resolve
+
+    source, curated, shards = tmp_path / "src", tmp_path / "curated", tmp_path / "shards"
+    planted = plant(source)
+    assert main(["data", "curate", str(source), "--out", str(curated), "--no-progress"]) == 0
+    assert main(["data", "shard", str(curated / "manifest.jsonl"), "--out", str(shards), "--resolution", "16",
+                 "--per-shard", "25", "--no-progress"]) == 0
+    assert "data.dataset=" in capsys.readouterr().out
+    index = json.loads((shards / "index.json").read_text())
+    kept = sum(not r for r in planted.values())
+    assert index["count"] == kept and len(index["shards"]) == -(-kept // 25) and index["classes"] == ["cats", "dogs"]
+    data = load_dataset(str(shards))
+    assert data.images.shape == (kept, 3, 16, 16) and data.num_classes == 2
+    assert len(data.extras["captions"]) == kept and data.extras["captions"][0].startswith("a small picture")
+    run = Trainer(resolve({"model": {"preset": "unet_tiny", "attention_resolutions": []},
+                           "data": {"dataset": str(shards)}, "train": {"steps": 2, "batch": 8, "log_every": 1}}),
+                  tmp_path / "run", progress=False).fit()
+    assert run["step"] == 2
+    assert main(["data", "shard", str(source / "notes.md"), "--out", str(tmp_path / "x"), "--resolution", "8"]) == 2

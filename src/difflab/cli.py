@@ -242,6 +242,22 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_shard(args: argparse.Namespace) -> int:
+    from difflab.data.shards import write_shards
+
+    try:
+        root, records, _ = _curation_input(args)
+        index = write_shards(root, records, args.out, args.resolution, mode=args.mode, per_shard=args.per_shard,
+                             progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"difflab data shard: error: {exc}", file=sys.stderr)
+        return 2
+    skipped = f", skipped {len(index['skipped'])} unreadable (see index.json)" if index["skipped"] else ""
+    print(f"difflab data shard: {index['count']} images at {args.resolution}px in {len(index['shards'])} shards"
+          f"{skipped} -> {args.out}; train on it with --set data.dataset={args.out}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -329,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="a curation threshold, e.g. --set min_size=32 (repeatable)")
         action.add_argument("--no-progress", action="store_true", help="no progress bar")
         action.set_defaults(run=run)
+    shard = data_verbs.add_parser("shard", help="preprocess a source into tar shards with an index, for training")
+    shard.add_argument("source", help="an image folder or a JSON Lines manifest (e.g. a curated manifest.jsonl)")
+    shard.add_argument("--out", type=_output_dir, required=True, help="folder for the shards and index.json")
+    shard.add_argument("--resolution", type=_positive_int, required=True, help="square size after resize + crop")
+    shard.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="colour (RGB) or grey (L)")
+    shard.add_argument("--per-shard", type=_positive_int, default=1000, help="images per shard")
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shard.set_defaults(run=_data_shard, set=[])
     info = verbs.add_parser("model-info", help="parameters, FLOPs and activation memory of a network config")
     info.add_argument("config", help="a preset name (e.g. dit_s_2, unet_32) or a YAML file with a model: section")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

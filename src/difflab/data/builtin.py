@@ -22,7 +22,7 @@ class ImageDataset:
     images: torch.Tensor  # (N, C, H, W), or (N, C, T, H, W) for video
     labels: torch.Tensor | None = None
     class_names: tuple[str, ...] = ()
-    extras: dict = field(default_factory=dict)  # per-sample tensors (N, ...), e.g. moving-digits' trajectories
+    extras: dict = field(default_factory=dict)  # per-sample tensors or lists: trajectories, captions...
 
     @property
     def num_classes(self) -> int:
@@ -33,7 +33,8 @@ class ImageDataset:
 
     def subset(self, indices: torch.Tensor) -> ImageDataset:
         labels = None if self.labels is None else self.labels[indices]
-        extras = {key: value[indices] for key, value in self.extras.items()}
+        extras = {key: [value[i] for i in indices.tolist()] if isinstance(value, list) else value[indices]
+                  for key, value in self.extras.items()}
         return ImageDataset(self.name, self.images[indices], labels, self.class_names, extras)
 
     def split(self, held_out: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
@@ -124,9 +125,14 @@ DATASETS: dict[str, Callable[[], ImageDataset]] = {
 
 
 def load_dataset(name: str) -> ImageDataset:
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; built in: {', '.join(DATASETS)}")
-    return DATASETS[name]()
+    """A built-in data set by name, or a shard folder written by ``difflab data shard``."""
+    if name in DATASETS:
+        return DATASETS[name]()
+    if (Path(name) / "index.json").is_file():
+        from difflab.data.shards import read_shards
+
+        return read_shards(name)
+    raise ValueError(f"unknown data set {name!r}: not a shard folder, nor one of {', '.join(DATASETS)}")
 
 
 class BatchLoader:

@@ -157,6 +157,10 @@ class _Parameters(torch.nn.Module):
             return BespokeSolver(sigmas.tolist(), *_floats(a, b), info)
 
 
+def _lbfgs(params: torch.nn.Module) -> torch.optim.LBFGS:
+    return torch.optim.LBFGS(params.parameters(), lr=1, max_iter=20, history_size=50, line_search_fn="strong_wolfe")
+
+
 def fit_bespoke(
     denoiser: Callable,
     nfe: int,
@@ -166,10 +170,8 @@ def fit_bespoke(
     shape: tuple[int, ...],
     cond: dict | None = None,
     seed: int = 0,
-    steps: int = 300,
-    lr: float = 1e-2,
-    eval_every: int = 10,
-    patience: int = 100,
+    steps: int = 30,
+    patience: int = 5,
     reference_steps: int = 200,
     init_sigmas: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
@@ -200,7 +202,7 @@ def fit_bespoke(
             path = default_cache_path() if cache is True else Path(cache)
     init_key = "auto" if init_sigmas is None else ",".join(f"{v:.6g}" for v in torch.as_tensor(init_sigmas).tolist())
     key = (f"{key_id}|bespoke|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
-           f"{lr:g}|{eval_every}|{patience}|{init_key}")
+           f"{patience}|{init_key}")
     if path is not None and path.exists():
         stored = _read_cache(path).get(key)
         if stored is not None:
@@ -227,27 +229,34 @@ def fit_bespoke(
         with torch.no_grad():
             return loss(held_out, held_out_target).item()
 
-    optimizer = torch.optim.Adam(params.parameters(), lr=lr)
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        error = loss(noise, target)
+        error.backward()
+        return error
+
     best_error, best_state, best_step = held_out_error(), copy.deepcopy(params.state_dict()), 0
-    start_error = best_error
+    start_error, previous, step = best_error, math.inf, 0
+    optimizer = _lbfgs(params)
     bar = tqdm(total=steps, desc=f"fitting bespoke solver ({nfe} NFE)", disable=not progress, leave=False)
     for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        train_error = loss(noise, target)
-        train_error.backward()
-        optimizer.step()
+        train_error = optimizer.step(closure).item()  # the training error before this iteration
+        error = held_out_error()
         bar.update()
-        if step % eval_every == 0 or step == steps:
-            error = held_out_error()
-            bar.set_postfix(train=f"{train_error.item():.2e}", held_out=f"{error:.2e}")
-            if math.isfinite(error) and error < best_error:
-                best_error, best_state, best_step = error, copy.deepcopy(params.state_dict()), step
-            elif step - best_step >= patience:
-                break
+        bar.set_postfix(train=f"{train_error:.2e}", held_out=f"{error:.2e}")
+        if math.isfinite(error) and error < best_error:
+            best_error, best_state, best_step = error, copy.deepcopy(params.state_dict()), step
+        if not math.isfinite(error):  # a diverged line search: back to the best point, fresh curvature
+            params.load_state_dict(best_state)
+        if step - best_step >= patience:
+            break
+        if not math.isfinite(error) or train_error >= previous * (1 - 1e-9):
+            optimizer = _lbfgs(params)  # L-BFGS stalls on this rugged loss; a restart usually moves on
+        previous = train_error
     bar.close()
     params.load_state_dict(best_state)
     solver = params.solver({"held_out_rmse": best_error, "initial_held_out_rmse": start_error, "best_step": best_step,
-                            "steps_run": step if steps else 0})
+                            "steps_run": step})
     if path is not None:
         _write_cache(path, key, solver.to_dict())
     return solver

@@ -23,12 +23,13 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"
+    dataset: str = "digits"  # a built-in name or a shard folder (difflab data shard)
 
     def __post_init__(self):
         from difflab.data import DATASETS
 
-        _choice("dataset", self.dataset, DATASETS)
+        if self.dataset not in DATASETS and not (Path(self.dataset) / "index.json").is_file():
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a shard folder, got {self.dataset!r}")
 
 
 @dataclass(frozen=True)
