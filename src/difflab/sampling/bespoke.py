@@ -1,0 +1,296 @@
+"""A learned few-step solver: steps and multistep coefficients fitted by gradient descent to one denoiser.
+
+In the spirit of Bespoke Non-Stationary solvers (Shaul et al. 2024, "BNS"): with n denoiser
+evaluations, every deterministic solver's iterate is a linear combination of the starting point and the
+denoiser outputs so far, with coefficients that depend only on the step. So the family
+
+    x_{i+1} = a_i x_i + sum_{j <= i} b_ij D_j,   D_j = D(x_j; sigma_j),   x0 = sum_j b_{n-1,j} D_j
+
+(a_i, b_ij free, one set per step: "non-stationary") holds every n-NFE multistep solver, and fitting
+its coefficients and its sigmas to a fine reference solution from many noises gives the best one for
+this denoiser. The steps are learned jointly, as LD3 (Tong et al. 2025) learns them by back-propagating
+through the solver. The coefficients are written relative to an exponential integrator on the data
+prediction (DPM-Solver++, Lu et al. 2022b), whose learned corrections DPM-Solver-v3 (Zheng et al. 2023)
+and AMED (Zhou et al. 2024) also fit:
+
+    a_i = (sigma_{i+1} / sigma_i) e^{alpha_i},   b_ij = (1 - sigma_{i+1} / sigma_i) w_ij
+
+so the decay of x and the step's weight follow the sigmas while they are learned. The start is a
+closed-form solver: any deterministic one-evaluation-per-step solver in ``SOLVERS`` is linear in the
+starting point and the D_j, so running it on basis vectors reads off its a_i and b_ij exactly
+(:meth:`BespokeSolver.from_solver`); the fit starts from the solver and schedule with the lowest error
+on the training batch, and keeps a result only where it is better on held-out noise.
+The loss is the endpoint RMSE against :func:`~difflab.sampling.optimize.reference_solution`,
+minimised in float64 through the denoiser (autograd; exact for the Gaussian mixture, and it works as
+well for a network) by L-BFGS: the loss is deterministic, the parameters few (about n^2 / 2) and their
+scales very unequal (a change of alpha acts on every later step), where Adam's equal per-parameter
+steps diverge. The RMSE of a mixture with well-separated modes is dominated by the few samples that end
+in another mode than the reference, which differ from batch to batch, so the fit over-fits them: it
+keeps the solver with the lowest error on a second, held-out batch (early stopping), and large batches
+generalise better.
+
+A fitted solver is a small JSON-serialisable object; it is not in ``SOLVERS``, since it needs its state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab.evaluation import rmse
+from difflab.sampling.optimize import (
+    _logits_from_sigmas,
+    _read_cache,
+    _sigmas_from_logits,
+    _write_cache,
+    candidate_schedules,
+    default_cache_path,
+    fingerprint,
+    reference_solution,
+)
+from difflab.sampling.schedules import _check
+from difflab.sampling.solvers import SOLVERS
+
+# Deterministic solvers with one evaluation a step: linear in the start and the D_j, so exact starting points.
+LINEAR_SOLVERS = ("euler", "lms", "deis", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc")
+
+
+def _integrate(denoiser, x: torch.Tensor, sigmas: Sequence, a: Sequence, b: Sequence, cond: dict, callback=None):
+    """The non-stationary multistep update; coefficients are floats, or 0-d tensors when training."""
+    n = len(sigmas) - 1
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    denoised: list[torch.Tensor] = []
+    for i in range(n):
+        sigma = torch.as_tensor(sigmas[i], dtype=dtype, device=x.device).expand(x.shape[0])
+        denoised.append(denoiser(x, sigma, **cond))
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": float(sigmas[i]), "sigma_next": float(sigmas[i + 1]),
+                      "denoised": denoised[-1]})
+        update = sum(b_ij * d_j for b_ij, d_j in zip(b[i], denoised))
+        x = update if i == n - 1 else a[i] * x + update  # the last step lands on sigma = 0
+    return x
+
+
+@dataclass
+class BespokeSolver:
+    """A fitted non-stationary multistep solver with ``nfe`` evaluations (see the module docstring).
+
+    ``sigmas``: the nfe evaluation sigmas, then 0. ``a``: the nfe - 1 weights on x_i. ``b``: row i holds
+    the weights of D_0..D_i; the last row is the returned estimate. ``info``: how it was fitted.
+    """
+
+    sigmas: list[float]
+    a: list[float]
+    b: list[list[float]]
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.sigmas) - 1
+        if n < 1 or self.sigmas[-1] != 0 or any(s <= 0 for s in self.sigmas[:-1]):
+            raise ValueError("sigmas must be positive evaluation sigmas followed by a final 0")
+        if len(self.a) != n - 1 or [len(row) for row in self.b] != list(range(1, n + 1)):
+            raise ValueError(f"{n} evaluations need {n - 1} values in a and rows of 1..{n} values in b")
+
+    @property
+    def nfe(self) -> int:
+        return len(self.sigmas) - 1
+
+    def __call__(self, denoiser: Callable, x: torch.Tensor, sigmas=None, *, generator=None, callback=None, **cond):
+        """Solve from ``x`` (already scaled by ``self.sigmas[0]``) to sigma = 0 with ``nfe`` denoiser calls.
+
+        The solver contract's ``sigmas`` may be passed, but must be this solver's own: the coefficients
+        belong to them. ``generator`` is ignored (the solver is deterministic).
+        """
+        if sigmas is not None:
+            given = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+            own = torch.tensor(self.sigmas, dtype=torch.float64)
+            if given.shape != own.shape or not torch.allclose(given, own, rtol=1e-6):  # float32 sigmas too
+                raise ValueError("a bespoke solver runs on the sigmas it was fitted to; pass sigmas=None")
+        return _integrate(denoiser, x, self.sigmas, self.a, self.b, cond, callback)
+
+    @classmethod
+    def from_solver(cls, solver: str, sigmas: torch.Tensor) -> BespokeSolver:
+        """The closed-form ``SOLVERS[solver]`` on ``sigmas`` (positive, decreasing, then 0), exactly.
+
+        Read off by running the solver on coefficient vectors: x is the basis vector of the starting point
+        and the k-th denoiser call returns that of D_k. Each iterate is linear in these, so what the k-th
+        call receives is x_k's coefficients, and the returned vector the result's.
+        """
+        if solver not in LINEAR_SOLVERS:
+            raise ValueError(f"{solver!r} is not one of the linear one-evaluation solvers {', '.join(LINEAR_SOLVERS)}")
+        s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        basis = torch.eye(len(s), dtype=torch.float64)
+        points = []
+
+        def unit(x, sigma):
+            points.append(x[0])
+            return basis[len(points)][None]
+
+        points.append(SOLVERS[solver](unit, basis[:1], s)[0])
+        n = len(points) - 1
+        if n != len(s) - 1 or points[-1][0] != 0:
+            raise ValueError(f"{solver!r} does not take one evaluation a step ending in the Tweedie step")
+        a = [(points[i + 1][0] / points[i][0]).item() for i in range(n - 1)]
+        b = [(points[i + 1][1:i + 2] - a[i] * points[i][1:i + 2]).tolist() for i in range(n - 1)]
+        return cls(s.tolist(), a, [*b, points[n][1:].tolist()], {"start": solver})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BespokeSolver:
+        return cls(list(data["sigmas"]), list(data["a"]), [list(row) for row in data["b"]], dict(data.get("info", {})))
+
+
+class _Parameters(torch.nn.Module):
+    """The trainable form of a solver: step logits (as :func:`~difflab.sampling.optimize.optimized` uses),
+    alpha_i = log(a_i / decay_i) and the weights w_ij = b_ij / (1 - decay_i), decay_i = sigma_{i+1} / sigma_i;
+    the last row of w is the last row of b."""
+
+    def __init__(self, start: BespokeSolver, logits: torch.Tensor, sigma_min: float, sigma_max: float):
+        super().__init__()
+        n, sigmas = start.nfe, torch.tensor(start.sigmas, dtype=torch.float64)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        decay = sigmas[1:-1] / sigmas[:-2]  # (n - 1,)
+        w = torch.zeros(n, n, dtype=torch.float64)  # lower triangle used
+        for i, row in enumerate(start.b):
+            w[i, :i + 1] = torch.tensor(row, dtype=torch.float64) / (1 - decay[i] if i < n - 1 else 1)
+        self.logits = torch.nn.Parameter(logits.clone())  # those of start.sigmas
+        self.alpha = torch.nn.Parameter((torch.tensor(start.a, dtype=torch.float64) / decay).log())
+        self.w = torch.nn.Parameter(w)
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        sigmas = _sigmas_from_logits(self.logits, self.sigma_min, self.sigma_max)  # (n + 1,), last 0
+        n = len(sigmas) - 1
+        decay = sigmas[1:-1] / sigmas[:-2]
+        b = [(1 - decay[i]) * self.w[i, :i + 1] for i in range(n - 1)] + [self.w[n - 1]]
+        return sigmas, decay * self.alpha.exp(), b
+
+    def solver(self, info: dict) -> BespokeSolver:
+        with torch.no_grad():
+            sigmas, a, b = self.coefficients()
+            return BespokeSolver(sigmas.tolist(), a.tolist(), [row.tolist() for row in b], info)
+
+
+def _lbfgs(params: torch.nn.Module) -> torch.optim.LBFGS:
+    return torch.optim.LBFGS(params.parameters(), lr=1, max_iter=20, history_size=50, line_search_fn="strong_wolfe")
+
+
+def fit_bespoke(
+    denoiser: Callable,
+    nfe: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    *,
+    shape: tuple[int, ...],
+    cond: dict | None = None,
+    seed: int = 0,
+    steps: int = 30,
+    patience: int = 5,
+    reference_steps: int = 200,
+    start_solvers: Sequence[str] = LINEAR_SOLVERS,
+    start_sigmas: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    cache: str | Path | bool = True,
+    cache_key: str | None = None,
+    progress: bool = False,
+) -> BespokeSolver:
+    """Fit a :class:`BespokeSolver` with ``nfe`` evaluations to ``denoiser`` from noise of ``shape``.
+
+    ``shape`` is (batch, *sample_shape): the training noises are its first draw from ``seed`` (the noise
+    :func:`~difflab.sampling.optimize.optimized` searches on), the held-out noises its second. The start
+    is the pair of a solver from ``start_solvers`` and a schedule (``start_sigmas``, else every candidate of
+    the optimised schedule's search) with the lowest error on the training batch. Each of up to ``steps``
+    L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is followed by the held-out
+    error; the solver with the lowest held-out error is returned, and fitting stops after ``patience``
+    iterations without a new lowest. ``cond`` is batch-aligned with
+    ``shape`` and used for both batches. ``cache`` and ``cache_key`` work as for ``optimized``.
+    """
+    _check(nfe, sigma_min, sigma_max)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
+    cond = cond or {}
+    key_id = cache_key or fingerprint(denoiser)
+    path = None
+    if cache is not False:
+        if key_id is None:
+            warnings.warn("bespoke solver not cached: the denoiser has no fingerprint; pass cache_key=")
+        else:
+            path = default_cache_path() if cache is True else Path(cache)
+    start_key = ",".join(start_solvers) + "|" + (
+        "auto" if start_sigmas is None else ",".join(f"{v:.6g}" for v in torch.as_tensor(start_sigmas).tolist()))
+    key = (f"{key_id}|bespoke|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+           f"{patience}|{start_key}")
+    if path is not None and path.exists():
+        stored = _read_cache(path).get(key)
+        if stored is not None:
+            return BespokeSolver.from_dict(stored)
+
+    g = torch.Generator(device=device or "cpu").manual_seed(seed)
+    noise = torch.randn(shape, generator=g, dtype=dtype, device=device)
+    held_out = torch.randn(shape, generator=g, dtype=dtype, device=device)
+    with torch.no_grad():
+        target, held_out_target = (reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps,
+                                                      **cond) for z in (noise, held_out))
+        # Each candidate's steps as logits represent them, so that the start is exactly the closed-form solver.
+        schedules = candidate_schedules(nfe, sigma_min, sigma_max) if start_sigmas is None else [start_sigmas]
+        logits = [torch.as_tensor(_logits_from_sigmas(torch.as_tensor(c, dtype=torch.float64).cpu(), sigma_min,
+                                                      sigma_max)) for c in schedules]
+        starts = [(BespokeSolver.from_solver(name, _sigmas_from_logits(z, sigma_min, sigma_max)), z)
+                  for name in start_solvers for z in logits]
+
+        def error(start: BespokeSolver) -> float:
+            if min(start.a, default=1.0) <= 0:  # alpha = log(a / decay) needs a > 0
+                return math.inf
+            return rmse(start(denoiser, noise * start.sigmas[0], **cond), target)
+
+        start, start_logits = min(starts, key=lambda pair: error(pair[0]))
+        start.info["start_sigmas"] = start.sigmas
+    params = _Parameters(start, start_logits, sigma_min, sigma_max)
+
+    def loss(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        sigmas, a, b = params.coefficients()
+        x0 = _integrate(denoiser, z * sigmas[0].to(z.dtype), sigmas, a, b, cond)
+        return (x0.double() - reference.double()).square().mean().sqrt()
+
+    def held_out_error() -> float:
+        with torch.no_grad():
+            return loss(held_out, held_out_target).item()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        error = loss(noise, target)
+        error.backward()
+        return error
+
+    best_error, best_state, best_step = held_out_error(), copy.deepcopy(params.state_dict()), 0
+    start_error, step = best_error, 0
+    optimizer = _lbfgs(params)
+    bar = tqdm(total=steps, desc=f"fitting bespoke solver ({nfe} NFE)", disable=not progress, leave=False)
+    for step in range(1, steps + 1):
+        train_error = optimizer.step(closure).item()  # the training error before this iteration
+        error = held_out_error()
+        bar.update()
+        bar.set_postfix(train=f"{train_error:.2e}", held_out=f"{error:.2e}")
+        if math.isfinite(error) and error < best_error:
+            best_error, best_state, best_step = error, copy.deepcopy(params.state_dict()), step
+        if step - best_step >= patience:
+            break
+        if not math.isfinite(error):  # a diverged line search: back to the best point, fresh curvature
+            params.load_state_dict(best_state)
+            optimizer = _lbfgs(params)
+    bar.close()
+    params.load_state_dict(best_state)
+    solver = params.solver({**start.info, "held_out_rmse": best_error, "initial_held_out_rmse": start_error,
+                            "best_step": best_step, "steps_run": step})
+    if path is not None:
+        _write_cache(path, key, solver.to_dict())
+    return solver

@@ -1,0 +1,106 @@
+"""The bespoke solver: starts as a closed-form solver, learns to beat all of them, keeps the solver contract."""
+
+import json
+
+import pytest
+import torch
+
+from difflab.diffusion import GaussianMixture
+from difflab.evaluation import rmse
+from difflab.sampling import SCHEDULES, SOLVERS, reference_solution, steps_for_nfe
+from difflab.sampling.bespoke import LINEAR_SOLVERS, BespokeSolver, fit_bespoke
+
+CLOSED_FORM_SOLVERS = ("euler", "heun", "dpm2", "lms", "deis", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc")
+CLOSED_FORM_SCHEDULES = ("karras", "loglinear", "vp_uniform", "vp_trailing", "flow_shift")
+
+
+def held_out(mixture, n=1000):
+    noise = torch.randn(n, *mixture.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(123))
+    return noise, reference_solution(mixture, noise * 80.0, 0.002, 80.0)
+
+
+def best_closed_form(mixture, nfe, noise, reference) -> float:
+    errors = []
+    for solver in CLOSED_FORM_SOLVERS:
+        steps = steps_for_nfe(solver, nfe)
+        for schedule in CLOSED_FORM_SCHEDULES:
+            sigmas = SCHEDULES[schedule](steps, 0.002, 80.0)
+            errors.append(rmse(SOLVERS[solver](mixture, noise * sigmas[0].item(), sigmas), reference))
+    return min(errors)
+
+
+@pytest.mark.parametrize("solver", LINEAR_SOLVERS)
+@pytest.mark.parametrize("sigmas", [SCHEDULES["karras"](6), SCHEDULES["vp_trailing"](3), SCHEDULES["loglinear"](1)],
+                         ids=["karras6", "vp_trailing3", "loglinear1"])
+def test_read_off_solver_reproduces_the_closed_form_solver(solver, sigmas):
+    mixture = GaussianMixture.ring()
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
+    torch.testing.assert_close(BespokeSolver.from_solver(solver, sigmas)(mixture, x),
+                               SOLVERS[solver](mixture, x, sigmas), rtol=0, atol=1e-12)
+
+
+def test_fit_starts_from_the_best_closed_form_solver_exactly():
+    mixture = GaussianMixture.ring()
+    solver = fit_bespoke(mixture, 5, shape=(64, 2), dtype=torch.float64, steps=0, reference_steps=50, cache=False)
+    sigmas = torch.tensor(solver.sigmas, dtype=torch.float64)
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
+    torch.testing.assert_close(solver(mixture, x), SOLVERS[solver.info["start"]](mixture, x, sigmas),
+                               rtol=0, atol=1e-12)
+    assert solver.info["held_out_rmse"] == solver.info["initial_held_out_rmse"]
+    with pytest.raises(ValueError, match="linear"):
+        BespokeSolver.from_solver("heun", sigmas)
+
+
+@pytest.mark.parametrize(("mixture", "factor"), [
+    (GaussianMixture.ring(), 8.0),  # measured 15x (best closed form: deis+loglinear)
+    (GaussianMixture.random(16, 8, std=0.1), 2.0),  # measured 2.4x (best closed form: ipndm+vp_trailing)
+], ids=["ring", "random16"])
+def test_fitted_solver_beats_every_closed_form_solver_on_held_out_noise(mixture, factor):
+    solver = fit_bespoke(mixture, 4, shape=(512, mixture.dim), dtype=torch.float64, seed=1, steps=10,
+                         reference_steps=100, cache=False)
+    noise, reference = held_out(mixture)
+    error = rmse(solver(mixture, noise * solver.sigmas[0]), reference)
+    assert error * factor < best_closed_form(mixture, 4, noise, reference)
+    assert solver.info["held_out_rmse"] < solver.info["initial_held_out_rmse"]
+
+
+def test_contract_one_call_per_nfe_never_at_sigma_zero():
+    mixture = GaussianMixture.ring()
+    solver = fit_bespoke(mixture, 4, shape=(64, 2), dtype=torch.float64, steps=2, reference_steps=20,
+                         start_solvers=("dpmpp_2m",), cache=False)
+    calls, steps = [], []
+
+    def denoiser(x, sigma, class_labels=None):
+        assert sigma.shape == (x.shape[0],) and (sigma > 0).all()
+        calls.append(class_labels)
+        return mixture(x, sigma, class_labels=class_labels)
+
+    x = torch.randn(16, 2, dtype=torch.float64) * solver.sigmas[0]
+    labels = torch.arange(16) % 8
+    out = solver(denoiser, x, torch.tensor(solver.sigmas, dtype=torch.float32), generator=torch.Generator(),
+                 callback=steps.append, class_labels=labels)
+    assert solver.nfe == len(calls) == len(steps) == 4 and all(c is labels for c in calls)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert [s["sigma"] for s in steps] == solver.sigmas[:-1]
+    with pytest.raises(ValueError, match="sigmas"):
+        solver(denoiser, x, SCHEDULES["karras"](4))
+
+
+def test_json_round_trip_and_cache_hit(tmp_path):
+    mixture = GaussianMixture.ring()
+    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 3, "reference_steps": 20, "cache": tmp_path / "c.json"}
+    solver = fit_bespoke(mixture, 3, **options)
+    again = BespokeSolver.from_dict(json.loads(json.dumps(solver.to_dict())))
+    x = torch.randn(32, 2, dtype=torch.float64) * solver.sigmas[0]
+    torch.testing.assert_close(again(mixture, x), solver(mixture, x), rtol=0, atol=0)
+
+    class MustNotRun:
+        def fingerprint(self):
+            return mixture.fingerprint()
+
+        def __call__(self, x, sigma):
+            raise AssertionError("a cached solver must not call the denoiser")
+
+    assert fit_bespoke(MustNotRun(), 3, **options) == solver
+    with pytest.raises(AssertionError, match="cached"):
+        fit_bespoke(MustNotRun(), 4, **options)
