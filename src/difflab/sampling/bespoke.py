@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,12 +46,11 @@ from tqdm.auto import tqdm
 from difflab.evaluation import rmse
 from difflab.sampling.optimize import (
     _logits_from_sigmas,
-    _read_cache,
     _sigmas_from_logits,
     _write_cache,
+    cache_location,
+    cached,
     candidate_schedules,
-    default_cache_path,
-    fingerprint,
     reference_solution,
 )
 from difflab.sampling.schedules import _check
@@ -218,21 +216,14 @@ def fit_bespoke(
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
     cond = cond or {}
-    key_id = cache_key or fingerprint(denoiser)
-    path = None
-    if cache is not False:
-        if key_id is None:
-            warnings.warn("bespoke solver not cached: the denoiser has no fingerprint; pass cache_key=")
-        else:
-            path = default_cache_path() if cache is True else Path(cache)
+    key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + "|" + (
         "auto" if start_sigmas is None else ",".join(f"{v:.6g}" for v in torch.as_tensor(start_sigmas).tolist()))
     key = (f"{key_id}|bespoke|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}")
-    if path is not None and path.exists():
-        stored = _read_cache(path).get(key)
-        if stored is not None:
-            return BespokeSolver.from_dict(stored)
+    stored = cached(path, key)
+    if stored is not None:
+        return BespokeSolver.from_dict(stored)
 
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=g, dtype=dtype, device=device)

@@ -140,18 +140,11 @@ def optimized(
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
     cond = cond or {}
-    key_id = cache_key or fingerprint(denoiser)
-    path = None
-    if cache is not False:
-        if key_id is None:
-            warnings.warn("optimized schedule not cached: the denoiser has no fingerprint; pass cache_key=")
-        else:
-            path = default_cache_path() if cache is True else Path(cache)
+    key_id, path = cache_location(denoiser, cache, cache_key, "optimized schedule")
     key = f"{key_id}|{solver}|{steps}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}"
-    if path is not None and path.exists():
-        stored = _read_cache(path).get(key)
-        if stored is not None:
-            return torch.tensor(stored["sigmas"], dtype=torch.float64)
+    stored = cached(path, key)
+    if stored is not None:
+        return torch.tensor(stored["sigmas"], dtype=torch.float64)
 
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=g, dtype=dtype, device=device)
@@ -188,6 +181,22 @@ def _powell(error, start: torch.Tensor, start_error: float, sigma_min, sigma_max
     if result.fun < start_error:  # result.fun is the error at result.x
         return _sigmas_from_logits(np.clip(result.x, -30, 30), sigma_min, sigma_max), float(result.fun)
     return start, start_error
+
+
+def cache_location(denoiser: Callable, cache, cache_key: str | None, what: str) -> tuple[str | None, Path | None]:
+    """(the denoiser's identity in cache keys, the JSON file to use or None) for ``cache=True|False|path``."""
+    key_id = cache_key or fingerprint(denoiser)
+    if cache is False:
+        return key_id, None
+    if key_id is None:
+        warnings.warn(f"{what} not cached: the denoiser has no fingerprint; pass cache_key=")
+        return key_id, None
+    return key_id, default_cache_path() if cache is True else Path(cache)
+
+
+def cached(path: Path | None, key: str) -> dict | None:
+    """The entry stored under ``key``, if there is a cache file and it has one."""
+    return _read_cache(path).get(key) if path is not None and path.exists() else None
 
 
 def _read_cache(path: Path) -> dict:
