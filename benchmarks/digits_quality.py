@@ -31,9 +31,10 @@ from difflab.data import load_dataset
 from difflab.evaluation.features import FeatureExtractor, feature_network
 from difflab.evaluation.plots import save_image_grid
 from difflab.evaluation.report import noise_floor, sample_metrics
-from difflab.sampling.generate import class_labels, generate
+from difflab.sampling.generate import class_labels
 from difflab.training import Trainer, load_run_config
-from difflab.training.trainer import make_denoiser, sampling_options
+from difflab.training.run import Run, draw
+from difflab.training.trainer import make_denoiser
 
 ROOT = Path(__file__).parents[1]
 
@@ -56,12 +57,9 @@ class DifflabSystem:
         return self.config.train.batch
 
     def sample(self, n: int, seed: int, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.trainer.ema.average(self.trainer.ema.names[0])
-        denoiser = make_denoiser(self.config, state)
-        options = sampling_options(self.config)
-        if steps:
-            options["steps"] = steps
-        return generate(denoiser, (1, 8, 8), n, num_classes=10, class_label="balanced", seed=seed, **options)
+        name = self.trainer.ema.names[0]
+        run = Run(self.config, make_denoiser(self.config, self.trainer.ema.average(name)), None, name)
+        return draw(run, n, seed=seed, **({"steps": steps} if steps else {}))
 
 
 class PeerSystem:

@@ -13,14 +13,14 @@ from difflab.config import load_yaml
 from difflab.diffusion import Precond
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig, resolve
-from difflab.training.trainer import ema_file, make_denoiser, sampling_options
+from difflab.training.trainer import ema_file, make_denoiser
 
 
 @dataclass
 class Run:
     config: RunConfig
     denoiser: Precond
-    checkpoint: Path
+    checkpoint: Path | None  # None for weights still in memory (the trainer's own sample grids)
     weights: str  # "model" or the EMA's name
 
     @property
@@ -62,8 +62,10 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
 
     if not run.num_classes and class_label == "balanced":
         class_label = None
+    s = run.config.sample
+    defaults = dict(solver=s.solver, steps=s.steps, schedule=s.schedule, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
     return generate(run.denoiser, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
-                    seed=seed, progress=progress, **{**sampling_options(run.config), **options})
+                    seed=seed, progress=progress, **{**defaults, **options})
 
 
 def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = False) -> tuple[dict, torch.Tensor]:

@@ -75,12 +75,6 @@ def make_denoiser(config: RunConfig, state: dict | None = None, device=None) -> 
     return Precond(network, d.parameterization, sigma_data=d.sigma_data).to(device).eval()
 
 
-def sampling_options(config: RunConfig) -> dict:
-    """The ``sample()`` keywords of a run's ``sample:`` section."""
-    s = config.sample
-    return dict(solver=s.solver, steps=s.steps, schedule=s.schedule, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
-
-
 def config_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
@@ -314,16 +308,11 @@ class Trainer:
         weights = self.ema.average(name) if name else unwrapped_state_dict(self.network)
         state = {k: _full(v) for k, v in weights.items()}  # every process takes part in gathering shards
         if self.world.main:
-            from difflab.evaluation.plots import save_image_grid
-            from difflab.sampling.generate import generate
+            from difflab.training.run import Run, write_samples  # run.py builds on this module
 
-            denoiser = make_denoiser(self.config, state, self.world.device)
-            classes = self.dataset.num_classes
-            images, _ = generate(denoiser, tuple(self.dataset.images.shape[1:]), s.n, num_classes=classes,
-                                 class_label="balanced" if classes else None, device=self.world.device,
-                                 **sampling_options(self.config))
-            path = save_image_grid(images, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png",
-                                   columns=classes or None)
+            run = Run(self.config, make_denoiser(self.config, state, self.world.device), None, name or "model")
+            path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png", n=s.n,
+                                 device=self.world.device)
         self.world.barrier()
         return path
 
