@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at a tiny size and write their JSON and figures."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -9,13 +10,16 @@ import pytest
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
+def _benchmark(monkeypatch, name: str):
+    """Import benchmarks/<name>.py for one test, and forget it afterwards."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)
+
+
 @pytest.fixture
 def samplers_module(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import samplers
-
-    yield samplers
-    sys.modules.pop("samplers", None)
+    yield from _benchmark(monkeypatch, "samplers")
 
 
 def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
@@ -50,11 +54,7 @@ def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args,
 @pytest.fixture
 def models_module(monkeypatch):
     pytest.importorskip("diffusers")
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import models
-
-    yield models
-    sys.modules.pop("models", None)
+    yield from _benchmark(monkeypatch, "models")
 
 
 def test_models_benchmark_smoke(models_module, tmp_path, capsys):
@@ -84,11 +84,7 @@ def test_models_benchmark_rejects_bad_arguments(models_module, capsys, args, mes
 @pytest.fixture
 def digits_module(monkeypatch):
     pytest.importorskip("diffusers")
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import digits_quality
-
-    yield digits_quality
-    sys.modules.pop("digits_quality", None)
+    yield from _benchmark(monkeypatch, "digits_quality")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside diffusers' DPM-Solver
