@@ -19,7 +19,7 @@ from torch import nn
 
 from difflab.conditioning import ConditionEmbedding
 from difflab.models.layers import Attention, maybe_checkpoint, rope_table, sincos_embedding, sincos_grid, zero_init
-from difflab.models.unet import _with_concat
+from difflab.models.unet import _network_input
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,8 @@ class DiT(nn.Module):
         concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         c = self.config
-        x = _with_concat(x, concat, c.concat_channels)
+        x = _network_input(x, concat, c.concat_channels)
         video = x.ndim == 5
-        if not video and x.ndim != 4:
-            raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W) input, got shape {tuple(x.shape)}")
         # An image is a still clip one space-time patch long, so image and video batches share the weights.
         clip = x if video else x[:, :, None].expand(-1, -1, c.frame_patch, -1, -1)  # (B, C, T, H, W)
         length, height, width = clip.shape[2:]

@@ -217,12 +217,10 @@ class UNet(nn.Module):
         concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         c = self.config
-        x = _with_concat(x, concat, c.concat_channels)
+        x = _network_input(x, concat, c.concat_channels)
         video = x.ndim == 5
         if video and not c.temporal:
             raise ValueError("got a video batch (B, C, T, H, W) but this U-Net has no temporal layers (temporal: null)")
-        if not video and x.ndim != 4:
-            raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W) input, got shape {tuple(x.shape)}")
         frames = x.shape[2] if video else 1
         if video:  # (B, C, T, H, W) -> (B*T, C, H, W): the spatial layers see every frame as an image.
             x = x.transpose(1, 2).flatten(0, 1)
@@ -250,8 +248,10 @@ class UNet(nn.Module):
         return out
 
 
-def _with_concat(x: torch.Tensor, concat: torch.Tensor | None, channels: int) -> torch.Tensor:
-    """Append the concatenated-condition channels to the input, checking their shape."""
+def _network_input(x: torch.Tensor, concat: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """Check an image or video batch and append the concatenated-condition channels, checking their shape."""
+    if x.ndim not in (4, 5):
+        raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W) input, got shape {tuple(x.shape)}")
     if concat is None:
         if channels:
             raise TypeError(f"this network expects concat= with {channels} extra channels")

@@ -177,7 +177,7 @@ class Trainer:
         sigmas = self.noise_levels(t.batch, generator=self.generator)
         noises = torch.randn((t.batch, *shape), generator=self.generator)
         drops = torch.rand(t.batch, generator=self.generator) < d.label_dropout
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=world.device)  # sums as Python floats would
         for round_ in range(t.accumulation):
             images, labels = next(self.loader)
             mine = slice(round_ * micro + world.rank * share, round_ * micro + (world.rank + 1) * share)
@@ -190,7 +190,8 @@ class Trainer:
             with (nullcontext() if sync else self.model.no_sync()), autocast:
                 loss = denoising_loss(self.model, x0, sigma, weight, noise=noise, **cond).mean() / t.accumulation
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
+        total = total.item()  # one synchronisation per step, not one per accumulation round
         max_norm = self.config.optim.grad_clip or float("inf")
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)).item()
         if not math.isfinite(grad_norm):
