@@ -28,12 +28,14 @@ from difflab.diffusion import GaussianMixture  # noqa: E402
 from difflab.evaluation import mmd, rmse  # noqa: E402
 from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
+from difflab.sampling.bespoke import fit_bespoke  # noqa: E402
 from peers import PEERS, run_peer  # noqa: E402  (imports neither diffusers nor k-diffusion)
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 CLOSED_FORM = ("karras", "loglinear", "vp_uniform", "vp_trailing", "flow_shift")
 OPTIMIZED_SOLVERS = ("euler", "dpmpp_2m", "dpmpp_3m", "unipc", "deis")
-OPTIMIZED_MAX_NFE = 20
+OPTIMIZED_MAX_NFE = 20  # also the largest budget the bespoke solver is fitted for
+LEARNED = ("optimized", "bespoke")  # configurations fitted to the denoiser
 
 
 def multiscale_mixture() -> GaussianMixture:
@@ -99,6 +101,12 @@ def run_case(name: str, args, peers: dict) -> dict:
                                      generator=torch.Generator().manual_seed(0))
                 record("difflab", f"{solver}+{schedule}", x0, SOLVERS[solver].nfe(steps), budget,
                        time.perf_counter() - t0, solver in STOCHASTIC)
+        if budget <= OPTIMIZED_MAX_NFE and not args.no_bespoke:
+            t0 = time.perf_counter()
+            bespoke = fit_bespoke(mixture, budget, SIGMA_MIN, SIGMA_MAX, shape=(args.search_samples, *shape),
+                                 dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}")
+            x0 = bespoke(mixture, noise * bespoke.sigmas[0])
+            record("difflab", "bespoke", x0, bespoke.nfe, budget, time.perf_counter() - t0, False)
         for peer_name, runner in peers.items():
             result = run_peer(runner, mixture, noise, budget, SIGMA_MIN, SIGMA_MAX)
             if result.x0 is None:
@@ -125,9 +133,10 @@ def summarise(rows, budgets) -> list[dict]:
     summary = []
     for budget in budgets:
         ours = best(rows, budget, lambda r: r["side"] == "difflab")
-        closed = best(rows, budget, lambda r: r["side"] == "difflab" and not r["config"].endswith("optimized"))
+        closed = best(rows, budget, lambda r: r["side"] == "difflab" and not r["config"].endswith(LEARNED))
         peer = best(rows, budget, lambda r: r["side"] != "difflab")
-        by_library = {lib: best(rows, budget, lambda r, lib=lib: r["side"] == lib) for lib in ("diffusers", "k-diffusion")}
+        by_library = {lib: best(rows, budget, lambda r, lib=lib: r["side"] == lib)
+                      for lib in ("diffusers", "k-diffusion")}
         ratio = peer["rmse"] / ours["rmse"] if ours and peer else None
         summary.append({"nfe": budget, "difflab": ours, "difflab_closed_form": closed, "peer": peer,
                         **{f"best_{lib}": row for lib, row in by_library.items()},
@@ -203,6 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--solvers", default=".", help="regex selecting difflab solvers")
     parser.add_argument("--peers", default=".", help="regex selecting peers; 'none' for none")
     parser.add_argument("--no-optimized", action="store_true", help="skip the optimised schedule")
+    parser.add_argument("--no-bespoke", action="store_true", help="skip the learned bespoke solver")
     parser.add_argument("--cache", type=Path, default=Path("out/bench-cache/optimized_schedules.json"))
     parser.add_argument("--plots", type=Path, default=Path("docs/figures"), help="folder for the figures")
     parser.add_argument("--json", type=Path, help="write every figure here")

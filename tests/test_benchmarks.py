@@ -34,7 +34,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     assert "best endpoint RMSE per NFE budget" in printed
     result = json.loads(out.read_text())["cases"]["ring"]
     configs = {row["config"] for row in result["rows"]}
-    assert {"euler+karras", "dpmpp_2m+optimized"} <= configs
+    assert {"euler+karras", "dpmpp_2m+optimized", "bespoke"} <= configs
     assert any(c.startswith("diffusers/DPMSolverMultistep") for c in configs)
     assert all(row["nfe"] <= 5 for row in result["rows"])
     (summary,) = result["summary"]

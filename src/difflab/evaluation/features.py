@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from difflab import paths
+
 log = logging.getLogger(__name__)
 
 _FORMAT = "difflab.features.v1"
@@ -129,12 +131,6 @@ class FeatureExtractor:
         return torch.cat(outputs)
 
 
-def default_cache_dir() -> Path:
-    """``$DIFFLAB_CACHE``, else ``$XDG_CACHE_HOME/difflab`` or ``~/.cache/difflab``."""
-    root = os.environ.get("DIFFLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difflab"
-    return Path(root)
-
-
 def feature_network_key(images: torch.Tensor, labels: torch.Tensor, config: FeatureNetConfig) -> str:
     """Cache key: a hash of the images' and labels' bytes and shapes, every setting and the format version."""
     digest = hashlib.sha256()
@@ -153,7 +149,7 @@ def feature_network(
 
     The first call trains (deterministic for a given seed, device and thread count) and writes
     ``cache_dir/features/digitfeaturenet-KEY.safetensors``; later calls with the same data and settings
-    load it. ``cache_dir`` defaults to :func:`default_cache_dir`; ``settings`` are further
+    load it. ``cache_dir`` defaults to :func:`difflab.paths.cache_dir`; ``settings`` are further
     :class:`FeatureNetConfig` fields. Returns the network in eval mode with frozen parameters.
     """
     if images.ndim != 4 or images.shape[-1] < 8 or images.shape[-2] < 8:
@@ -164,7 +160,7 @@ def feature_network(
     config = FeatureNetConfig(in_channels=images.shape[1], num_classes=int(labels.max()) + 1, seed=seed,
                               epochs=epochs, **settings)
     key = feature_network_key(images, labels, config)
-    path = Path(cache_dir or default_cache_dir()) / "features" / f"digitfeaturenet-{key}.safetensors"
+    path = Path(cache_dir or paths.cache_dir()) / "features" / f"digitfeaturenet-{key}.safetensors"
     if path.exists():
         try:
             with torch.random.fork_rng(devices=[]):  # the initialisation it overwrites must not use the caller's RNG

@@ -29,6 +29,7 @@ import torch
 from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
+from difflab import paths
 from difflab.evaluation import rmse
 from difflab.sampling.schedules import _append_zero, _check, flow_shift, karras, loglinear, vp_trailing, vp_uniform
 from difflab.sampling.solvers import SOLVERS, STOCHASTIC, rk4
@@ -58,9 +59,8 @@ def candidate_schedules(steps: int, sigma_min: float, sigma_max: float) -> list[
 
 
 def default_cache_path() -> Path:
-    """``$DIFFLAB_CACHE/optimized_schedules.json``, else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
-    root = os.environ.get("DIFFLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difflab"
-    return Path(root) / "optimized_schedules.json"
+    """``optimized_schedules.json`` in :func:`difflab.paths.cache_dir`."""
+    return paths.cache_dir() / "optimized_schedules.json"
 
 
 def reference_solution(
