@@ -148,6 +148,24 @@ def test_images_are_normalised_whatever_their_mode(tmp_path):
         load_image(tmp_path / "truncated.png")
 
 
+def test_parquet_manifests_read_like_json_lines(tmp_path):
+    from difflab.data.sources import read_manifest
+
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"file_name": ["x.png", "y.png"], "text": ["hi", None], "label": [2, None]}),
+                   tmp_path / "m.parquet")
+    assert [(r.path, r.label, r.caption) for r in read_manifest(tmp_path / "m.parquet")] == [
+        ("x.png", "2", "hi"), ("y.png", None, None)]
+    pq.write_table(pa.table({"caption": ["no path"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="bad.parquet:1: a manifest row needs a path"):
+        read_manifest(tmp_path / "bad.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 and then nothing")
+    with pytest.raises(ValueError, match=r"^cannot read Parquet manifest .*broken.parquet"):
+        read_manifest(tmp_path / "broken.parquet")
+    with pytest.raises(ValueError, match="no such file"):
+        read_manifest(tmp_path / "missing.parquet")
+
+
 def test_manifest_and_npz_sources(tmp_path):
     from difflab.data.sources import read_manifest, read_npz
 
@@ -155,7 +173,7 @@ def test_manifest_and_npz_sources(tmp_path):
     assert [(r.path, r.label, r.caption) for r in read_manifest(tmp_path / "m.jsonl")] == [
         ("x.png", "2", "hi"), ("y.png", None, None)]
     (tmp_path / "bad.jsonl").write_text('{"caption": "no path"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: a manifest line needs a path"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: a manifest row needs a path"):
         read_manifest(tmp_path / "bad.jsonl")
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:1: not JSON"):

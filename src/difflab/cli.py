@@ -187,7 +187,7 @@ def _sigma_rel(text: str) -> float:
 
 
 def _curation_input(args: argparse.Namespace):
-    """(root, records, config) of a ``data`` verb: a folder or a JSON Lines manifest, and --set thresholds."""
+    """(root, records, config) of a ``data`` verb: a folder or a manifest (.jsonl, .parquet), and --set thresholds."""
     from difflab.config import apply_overrides, build
     from difflab.data.curate import CurationConfig
     from difflab.data.sources import read_manifest, scan_folder
@@ -210,7 +210,7 @@ def _data_curate(args: argparse.Namespace) -> int:
     try:
         root, records, config = _curation_input(args)
         items = curate(root, records, config, progress=not args.no_progress)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         print(f"difflab data curate: error: {exc}", file=sys.stderr)
         return 2
     result = write_curation(args.out, root, items)
@@ -228,7 +228,7 @@ def _data_stats(args: argparse.Namespace) -> int:
     try:
         root, records, config = _curation_input(args)
         items = curate(root, records, config, progress=not args.no_progress)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         print(f"difflab data stats: error: {exc}", file=sys.stderr)
         return 2
     result = report(items)
@@ -248,12 +248,13 @@ def _data_shard(args: argparse.Namespace) -> int:
     try:
         root, records, _ = _curation_input(args)
         index = write_shards(root, records, args.out, args.resolution, mode=args.mode, per_shard=args.per_shard,
-                             progress=not args.no_progress)
-    except ValueError as exc:
+                             crop=args.crop, buckets=args.buckets, progress=not args.no_progress)
+    except (ValueError, ImportError) as exc:
         print(f"difflab data shard: error: {exc}", file=sys.stderr)
         return 2
     skipped = f", skipped {len(index['skipped'])} unreadable (see index.json)" if index["skipped"] else ""
-    print(f"difflab data shard: {index['count']} images at {args.resolution}px in {len(index['shards'])} shards"
+    sizes = f"{len(index['buckets'])} buckets of ~{args.resolution}px" if args.buckets else f"{args.resolution}px"
+    print(f"difflab data shard: {index['count']} images at {sizes} in {len(index['shards'])} shards"
           f"{skipped} -> {args.out}; train on it with --set data.dataset={args.out}")
     return 0
 
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run, text in (("curate", _data_curate, "find and remove bad items; write a manifest and a report"),
                             ("stats", _data_stats, "print the curation statistics without writing anything")):
         action = data_verbs.add_parser(name, help=text)
-        action.add_argument("source", help="an image folder or a JSON Lines manifest")
+        action.add_argument("source", help="an image folder or a manifest (.jsonl or .parquet)")
         if name == "curate":
             action.add_argument("--out", type=_output_dir, required=True, help="folder for manifest and report")
         action.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -346,9 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--no-progress", action="store_true", help="no progress bar")
         action.set_defaults(run=run)
     shard = data_verbs.add_parser("shard", help="preprocess a source into tar shards with an index, for training")
-    shard.add_argument("source", help="an image folder or a JSON Lines manifest (e.g. a curated manifest.jsonl)")
+    shard.add_argument("source", help="an image folder or a manifest (.jsonl, .parquet), e.g. a curated manifest.jsonl")
     shard.add_argument("--out", type=_output_dir, required=True, help="folder for the shards and index.json")
     shard.add_argument("--resolution", type=_positive_int, required=True, help="square size after resize + crop")
+    shard.add_argument("--crop", choices=["center", "random"], default="center",
+                       help="crop the centre now, or store uncropped for a random crop at every visit")
+    shard.add_argument("--buckets", action="store_true",
+                       help="aspect-ratio buckets of about resolution^2 pixels instead of square crops")
     shard.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="colour (RGB) or grey (L)")
     shard.add_argument("--per-shard", type=_positive_int, default=1000, help="images per shard")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")

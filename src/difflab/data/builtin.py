@@ -1,4 +1,4 @@
-"""Built-in data sets that install with difflab's dependencies (no downloads), and a resumable batch loader."""
+"""Built-in data sets that install with difflab's dependencies (no downloads)."""
 
 from __future__ import annotations
 
@@ -119,8 +119,15 @@ def moving_digits(frames: int = 8, size: int = 24, seed: int = 0) -> ImageDatase
     return ImageDataset("moving-digits", clips, still.labels, still.class_names, {"trajectories": trajectories})
 
 
+def emoji() -> ImageDataset:
+    """Twemoji's captioned colour emoji (CC-BY 4.0) at 32x32, curated and cached at first use (see ``data.emoji``)."""
+    from difflab.data.emoji import emoji as build  # lazy: that module imports curation and shards, which import this
+
+    return build()
+
+
 DATASETS: dict[str, Callable[[], ImageDataset]] = {
-    "digits": digits, "moving-digits": moving_digits, "fashion-mnist": fashion_mnist,
+    "digits": digits, "moving-digits": moving_digits, "fashion-mnist": fashion_mnist, "emoji": emoji,
 }
 
 
@@ -133,49 +140,3 @@ def load_dataset(name: str) -> ImageDataset:
 
         return read_shards(name)
     raise ValueError(f"unknown data set {name!r}: not a shard folder, nor one of {', '.join(DATASETS)}")
-
-
-class BatchLoader:
-    """Endless shuffled batches of an in-memory data set, sharded by rank, resumable at any batch.
-
-    Epoch ``e`` visits the data in the order ``randperm(N, seed + e)``; global batch ``i`` is positions
-    ``[i B, (i + 1) B)`` of the concatenated epochs, and rank ``r`` of ``W`` takes its ``r``-th
-    ``B / W`` slice. The state is just (epoch, position), so a resumed or re-sharded run sees the same
-    global batches.
-    """
-
-    def __init__(self, dataset: ImageDataset, batch: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if batch % world_size:
-            raise ValueError(f"global batch {batch} is not divisible by {world_size} processes")
-        self.dataset, self.batch, self.seed, self.rank, self.world_size = dataset, batch, seed, rank, world_size
-        self.epoch, self.position = 0, 0
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._orders = {epoch: torch.randperm(len(self.dataset), generator=generator)}
-        return self._orders[epoch]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        chunks, needed = [], self.batch
-        while needed:
-            order = self._order(self.epoch)[self.position : self.position + needed]
-            chunks.append(order)
-            needed -= len(order)
-            self.position += len(order)
-            if self.position == len(self.dataset):
-                self.epoch, self.position = self.epoch + 1, 0
-        share = self.batch // self.world_size
-        indices = torch.cat(chunks)[self.rank * share : (self.rank + 1) * share]
-        labels = None if self.dataset.labels is None else self.dataset.labels[indices]
-        return self.dataset.images[indices], labels
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])

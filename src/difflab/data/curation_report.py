@@ -12,6 +12,7 @@ import torch
 
 from difflab.data.curate import REASONS, Item, report, sampling_weights, statistics
 from difflab.data.sources import load_image, to_tensor
+from difflab.paths import write_atomic
 
 
 def write_curation(out: str | Path, root: str | Path, items: list[Item]) -> dict:
@@ -23,17 +24,11 @@ def write_curation(out: str | Path, root: str | Path, items: list[Item]) -> dict
     rows = [dict(path=str(root / i.record.path), label=i.record.label, caption=i.record.caption,
                  weight=weights.get(i.record.label, 1.0), width=i.width, height=i.height)
             for i in items if i.kept]
-    _atomic_text(out / "manifest.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(out / "manifest.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     result = {**report(items), "source": str(root), "statistics": statistics(items)}
-    _atomic_text(out / "report.json", json.dumps(result, indent=2))
-    _atomic_text(out / "report.html", _page(root, items, result))
+    write_atomic(out / "report.json", json.dumps(result, indent=2))
+    write_atomic(out / "report.html", _page(root, items, result))
     return result
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _png(figure_or_image) -> str:

@@ -46,23 +46,31 @@ def scan_folder(root: str | Path) -> list[Record]:
         relative = file.relative_to(root).as_posix()
         if relative == "metadata.jsonl" or (file.suffix.lower() in SIDECARS and file.with_suffix("") in stems):
             continue
-        meta = metadata.get(relative, {})
-        label = meta.get("label", file.relative_to(root).parts[0] if len(file.relative_to(root).parts) > 1 else None)
-        caption = meta.get("caption", meta.get("text", _sidecar_caption(file)))
-        records.append(Record(relative, None if label is None else str(label), caption))
+        records.append(describe(root, file, metadata))
     if not records:
         raise ValueError(f"source {str(root)!r} holds no files")
     return records
 
 
+def describe(root: Path, path: Path, metadata: dict[str, dict]) -> Record:
+    """The record of ``path`` under ``root``: label from ``metadata.jsonl`` or the first sub-folder, caption
+    from ``metadata.jsonl`` or a sidecar."""
+    relative = path.relative_to(root)
+    meta = metadata.get(relative.as_posix(), {})
+    label = meta.get("label", relative.parts[0] if len(relative.parts) > 1 else None)
+    caption = meta.get("caption", meta.get("text", _sidecar_caption(path)))
+    return Record(relative.as_posix(), None if label is None else str(label), caption)
+
+
 def read_manifest(path: str | Path) -> list[Record]:
-    """Records from a JSON Lines manifest (``path``, optional ``caption``/``text`` and ``label`` per line)."""
+    """Records from a manifest: JSON Lines, or Parquet (``.parquet``, needs pyarrow) with the same columns:
+    ``path`` (or ``file_name``), optional ``caption`` (or ``text``) and ``label``."""
     path = Path(path)
-    rows = _read_jsonl(path)
+    rows = _read_parquet(path) if path.suffix.lower() == ".parquet" else _read_jsonl(path)
     records = []
     for number, row in enumerate(rows, 1):
-        if "path" not in row and "file_name" not in row:
-            raise ValueError(f"{path}:{number}: a manifest line needs a path")
+        if row.get("path") is None and row.get("file_name") is None:
+            raise ValueError(f"{path}:{number}: a manifest row needs a path")
         label = row.get("label")
         records.append(Record(str(row.get("path", row.get("file_name"))), None if label is None else str(label),
                               row.get("caption", row.get("text"))))
@@ -78,6 +86,14 @@ def load_image(path: str | Path, mode: str = "RGB"):
     with Image.open(path) as image:
         image.load()  # decode now: truncated files fail here, not later
         image = ImageOps.exif_transpose(image)
+    return normalise(image, mode)
+
+
+def normalise(image, mode: str = "RGB"):
+    """A decoded Pillow image (or animation frame) in ``mode``: 16-bit grey scaled to 8 bits, palette and
+    transparency composited on white."""
+    from PIL import Image
+
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((array * (255.0 / max(array.max(), 1.0))).round().astype(np.uint8), mode="L")
@@ -138,6 +154,21 @@ def _read_metadata(path: Path) -> dict[str, dict]:
         return {}
     rows = _read_jsonl(path)
     return {str(row.get("file_name", row.get("path"))): row for row in rows}
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f'reading the Parquet manifest {path} needs pyarrow: pip install "difflab[parquet]"') \
+            from None
+    if not path.is_file():
+        raise ValueError(f"cannot read {str(path)!r}: no such file")
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # what pyarrow raises for truncated and foreign files
+        raise ValueError(f"cannot read Parquet manifest {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    return table.to_pylist()
 
 
 def _read_jsonl(path: Path) -> Iterable[dict]:

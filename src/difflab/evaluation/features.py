@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -173,11 +172,9 @@ def feature_network(
     network = _train(config, images, labels, progress)
     seconds = time.perf_counter() - start
     log.info("trained the feature network in %.1f s; caching it at %s", seconds, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # atomic: a concurrent reader never sees half a file
-    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp,
-              metadata={"format": _FORMAT, "config": json.dumps(asdict(config)), "train_seconds": f"{seconds:.2f}"})
-    os.replace(tmp, path)
+    with paths.replacing(path) as tmp:  # a concurrent reader never sees half a file
+        save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp,
+                  metadata={"format": _FORMAT, "config": json.dumps(asdict(config)), "train_seconds": f"{seconds:.2f}"})
     return _frozen(network)
 
 

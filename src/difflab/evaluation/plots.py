@@ -12,9 +12,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from difflab.paths import replacing
+
 
 def plot_error_vs_nfe(
-    series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, title: str = "", ylabel: str = "endpoint RMSE"
+    series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, title: str = "",
+    ylabel: str = "endpoint RMSE",
 ) -> Path:
     """Log-log lines of error against NFE, one per label; dashed lines for labels starting with 'peer'."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -79,9 +82,6 @@ def image_grid(images: torch.Tensor, columns: int | None = None, scale: int | No
 
 def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
     """Write :func:`image_grid` as a PNG (written to a temporary name, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image_grid(images, columns).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    with replacing(path) as tmp:
+        image_grid(images, columns).save(tmp, format="PNG")
+    return Path(path)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -209,9 +208,6 @@ def _read_cache(path: Path) -> dict:
 
 def _write_cache(path: Path, key: str, entry: dict) -> None:
     """Merge one entry into the JSON cache, atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _read_cache(path) if path.exists() else {}
     data[key] = entry
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    paths.write_atomic(path, json.dumps(data, indent=1))

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from difflab.paths import fsync, write_atomic
+
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
@@ -26,34 +28,10 @@ def step_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """A safetensors file (contiguous CPU copies), fsync'd."""
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
-    _fsync_file(path)
+    fsync(path)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -72,13 +50,13 @@ def begin(checkpoints: Path, step: int) -> Path:
 
 def commit(checkpoints: Path, tmp: Path, step: int, keep: int) -> Path:
     """Move a fully written temporary folder into place, point ``latest`` at it, drop old checkpoints."""
-    _fsync_dir(tmp)
+    fsync(tmp)
     final = checkpoints / step_name(step)
     if final.exists():  # the same step written again after a resume: the new copy replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(checkpoints)
-    atomic_write_text(checkpoints / "latest", final.name + "\n")
+    fsync(checkpoints)
+    write_atomic(checkpoints / "latest", final.name + "\n", durable=True)
     for old in complete_checkpoints(checkpoints)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -134,7 +112,7 @@ def optimizer_from_tensors(tensors: Mapping[str, torch.Tensor], settings: Mappin
 
 def write_json(path: Path, data: Mapping) -> None:
     path.write_text(json.dumps(data, indent=2))
-    _fsync_file(path)
+    fsync(path)
 
 
 def read_json(path: Path) -> dict:

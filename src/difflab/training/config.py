@@ -23,13 +23,15 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # a built-in name or a shard folder (difflab data shard)
+    dataset: str = "digits"  # a built-in name (held in memory) or a shard folder (streamed; difflab data shard)
+    workers: int = 0  # processes decoding a streamed shard folder; 0 decodes in the training process
 
     def __post_init__(self):
         from difflab.data import DATASETS
 
         if self.dataset not in DATASETS and not (Path(self.dataset) / "index.json").is_file():
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a shard folder, got {self.dataset!r}")
+        _positive("workers", self.workers, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -146,25 +148,26 @@ class RunConfig:
 
 def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
     """A validated :class:`RunConfig` with every default filled in, the model completed from the data set."""
-    from difflab.data import load_dataset
+    from difflab.data import open_loader
     from difflab.models import network_config, network_mapping
 
     config = build(RunConfig, apply_overrides(mapping, overrides))
     if not config.model:
         raise ConfigError("the config needs a model: section (arch or preset plus keys)")
-    dataset = load_dataset(config.data.dataset)
+    data = open_loader(config.data.dataset, batch=1)
+    shape, num_classes = data.sample_shape, data.num_classes
     model = dict(config.model)
     # The data set fixes the input; a config may leave these keys out.
-    model.setdefault("in_channels", dataset.images.shape[1])
-    model.setdefault("resolution", dataset.images.shape[-1])
-    model.setdefault("num_classes", dataset.num_classes)
-    if dataset.images.ndim == 5:  # video (N, C, T, H, W)
-        model.setdefault("frames", dataset.images.shape[2])
+    model.setdefault("in_channels", shape[0])
+    model.setdefault("resolution", shape[-1])
+    model.setdefault("num_classes", num_classes)
+    if len(shape) == 4:  # video (C, T, H, W)
+        model.setdefault("frames", shape[1])
     network = network_config(model)  # validates the model section
-    if network.in_channels != dataset.images.shape[1] or network.resolution != dataset.images.shape[-1]:
+    if network.in_channels != shape[0] or network.resolution != shape[-1]:
         raise ConfigError(
             f"model expects {network.in_channels}x{network.resolution}x{network.resolution} inputs but data set "
-            f"{dataset.name!r} has {'x'.join(map(str, dataset.images.shape[1:]))}"
+            f"{config.data.dataset!r} has {'x'.join(map(str, shape))}"
         )
     return replace(config, model=network_mapping(network))
 

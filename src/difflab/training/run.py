@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from difflab.config import load_yaml
 from difflab.diffusion import Precond
+from difflab.paths import replacing
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig, resolve
 from difflab.training.trainer import ema_file, make_denoiser
@@ -100,9 +101,8 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     arrays = {"images": pixels}
     if labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int64)
-    tmp = out.with_name(f".{out.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        np.savez(tmp, **arrays)
     return out
 
 
@@ -131,7 +131,7 @@ def posthoc_ema_into_checkpoint(run_dir: str | Path, sigma_rel: float) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"the last snapshot is at step {last} but {folder} does not exist")
     path = folder / f"ema-posthoc-{sigma_rel:.3f}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
-    ckpt.save_tensors(tmp, posthoc_ema(snapshots, sigma_rel), {"ema": f"posthoc-{sigma_rel:.3f}", "step": str(last)})
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        metadata = {"ema": f"posthoc-{sigma_rel:.3f}", "step": str(last)}
+        ckpt.save_tensors(tmp, posthoc_ema(snapshots, sigma_rel), metadata)
     return path

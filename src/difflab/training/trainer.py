@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from difflab import __version__
 from difflab.conditioning import drop_condition
 from difflab.config import to_dict
-from difflab.data import BatchLoader, load_dataset
+from difflab.data import open_loader
 from difflab.diffusion import NOISE_LEVELS, Precond, denoising_loss, loss_weight
 from difflab.models import build_network
+from difflab.paths import replacing, write_atomic
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig
 from difflab.training.distributed import World, close_world, init_world, wrap
@@ -97,7 +98,6 @@ class Trainer:
         self.world.barrier()
 
         torch.manual_seed(t.seed)  # the same initial weights on every process
-        self.dataset = load_dataset(config.data.dataset)
         self.network = build_network(config.model).to(self.world.device)
         d = config.diffusion
         self.denoiser = Precond(self.network, d.parameterization, sigma_data=d.sigma_data)
@@ -110,8 +110,8 @@ class Trainer:
             self.network.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
             weight_decay=config.optim.weight_decay, **_fused(self.world.device),
         )
-        self.loader = BatchLoader(self.dataset, t.batch // t.accumulation, seed=t.seed,
-                                  rank=self.world.rank, world_size=self.world.size)
+        self.loader = open_loader(config.data.dataset, t.batch // t.accumulation, seed=t.seed, rank=self.world.rank,
+                                  world_size=self.world.size, workers=config.data.workers)
         self.generator = torch.Generator().manual_seed(t.seed + 1)  # noise for the global batch
         self.step, self.elapsed, self.images = 0, 0.0, 0
         if resume:
@@ -126,7 +126,7 @@ class Trainer:
             raise FileExistsError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
                                   "or choose another --run-dir")
         ckpt.remove_partial(self.checkpoints)
-        ckpt.atomic_write_text(self.run_dir / "config.yaml", config_yaml(self.config))
+        write_atomic(self.run_dir / "config.yaml", config_yaml(self.config))
         (self.run_dir / "samples").mkdir(exist_ok=True)
 
     def _load(self, folder: Path | None) -> None:
@@ -172,18 +172,24 @@ class Trainer:
         bf16 = t.precision == "bfloat16"
         autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         # Drawn for the whole global batch, then sliced: the same samples see the same noise whatever the
-        # number of processes or accumulation rounds.
-        shape = tuple(self.dataset.images.shape[1:])
+        # number of processes or accumulation rounds. Aspect-ratio buckets differ in size from round to
+        # round, so their noise is drawn per round (for the round's global micro-batch).
         sigmas = self.noise_levels(t.batch, generator=self.generator)
-        noises = torch.randn((t.batch, *shape), generator=self.generator)
         drops = torch.rand(t.batch, generator=self.generator) < d.label_dropout
+        if not self.loader.bucketed:
+            noises = torch.randn((t.batch, *self.loader.sample_shape), generator=self.generator)
         total = torch.zeros((), dtype=torch.float64, device=world.device)  # sums as Python floats would
         for round_ in range(t.accumulation):
             images, labels = next(self.loader)
             mine = slice(round_ * micro + world.rank * share, round_ * micro + (world.rank + 1) * share)
-            x0, sigma, noise = (v.to(world.device) for v in (images, sigmas[mine], noises[mine]))
+            if self.loader.bucketed:
+                noise = torch.randn((micro, *images.shape[1:]), generator=self.generator)
+                noise = noise[world.rank * share : (world.rank + 1) * share]
+            else:
+                noise = noises[mine]
+            x0, sigma, noise = (v.to(world.device) for v in (images, sigmas[mine], noise))
             cond = {}
-            if labels is not None and self.dataset.num_classes:
+            if labels is not None and self.loader.num_classes:
                 cond = drop_condition({"class_labels": labels.to(world.device)}, drops[mine].to(world.device))
             weight = loss_weight(d.loss_weight, sigma, d.sigma_data, d.min_snr_gamma)
             sync = round_ == t.accumulation - 1 or not hasattr(self.model, "no_sync")
@@ -294,12 +300,9 @@ class Trainer:
         tensors = {f"{name}/{k}": _full(v) for name, avg in self.ema.averages().items() if name.startswith("phema")
                    for k, v in avg.items()}
         if self.world.main:
-            folder = self.run_dir / "ema-snapshots"
-            folder.mkdir(exist_ok=True)
             gammas = {name: repr(gamma) for name, gamma in self.ema.gammas.items()}
-            tmp = folder / f".tmp-{ckpt.step_name(self.step)}.safetensors"
-            ckpt.save_tensors(tmp, tensors, {"step": str(self.step), **gammas})
-            tmp.replace(folder / f"{ckpt.step_name(self.step)}.safetensors")
+            with replacing(self.run_dir / "ema-snapshots" / f"{ckpt.step_name(self.step)}.safetensors") as tmp:
+                ckpt.save_tensors(tmp, tensors, {"step": str(self.step), **gammas})
         self.world.barrier()
 
     def save_samples(self) -> Path | None:
