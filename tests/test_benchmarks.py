@@ -106,3 +106,19 @@ def test_digits_quality_benchmark_rejects_bad_minutes(digits_module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         digits_module.main(["--minutes", "5,1"])
     assert exit_info.value.code == 2 and "increasing" in capsys.readouterr().err
+
+
+@pytest.fixture
+def data_loader_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "data_loader")
+
+
+def test_data_loader_benchmark_smoke(data_loader_module, tmp_path, capsys):
+    out = tmp_path / "data_loader.json"
+    assert data_loader_module.main(["--quick", "--json", str(out)]) == 0
+    assert "loader throughput" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    sources = {(row["data"], row["source"], row["workers"]) for row in result["loaders"]}
+    assert {("emoji", "jpeg folder", 1), ("emoji", "shards", 0), ("digits", "memory", 0)} <= sources
+    assert all(row["samples_per_s"] > 0 for row in result["loaders"] + result["training"])
+    assert {row["source"] for row in result["training"]} == {"memory", "shards, 0 workers", "shards, 1 workers"}

@@ -103,8 +103,8 @@ def read_shards(folder: str | Path) -> ImageDataset:
 
     reader = ShardReader(folder)
     if len(reader.sizes) > 1:
-        raise ValueError(f"{folder} holds aspect-ratio buckets of different sizes; stream it for training "
-                         "(data.stream) rather than loading it whole")
+        raise ValueError(f"{folder} holds aspect-ratio buckets of different sizes, which only the streaming loader "
+                         "serves (ShardLoader, or training on the folder), not an in-memory data set")
     images = reader.tensors(torch.arange(len(reader)))
     captions = [reader.meta(k)["caption"] for k in range(len(reader))]
     reader.close()
