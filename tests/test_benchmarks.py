@@ -26,7 +26,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     out = tmp_path / "samplers.json"
     samplers_module.main([
         "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|dpmpp_2m)$", "--peers", "DPMSolverMultistep",
-        "--samples", "200", "--search-samples", "64", "--reference-steps", "200",
+        "--samples", "200", "--search-samples", "64", "--bespoke-samples", "64", "--reference-steps", "200",
         "--json", str(out), "--plots", str(tmp_path), "--cache", str(tmp_path / "cache.json"),
         "--markdown", str(tmp_path / "table.md"),
     ])
