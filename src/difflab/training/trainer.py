@@ -29,16 +29,16 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
 from difflab import __version__
-from difflab.conditioning import drop_condition
 from difflab.config import to_dict
 from difflab.data import open_loader
-from difflab.diffusion import NOISE_LEVELS, Precond, denoising_loss, loss_weight
+from difflab.diffusion import Precond
 from difflab.models import build_network
 from difflab.paths import replacing, write_atomic
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig
 from difflab.training.distributed import World, close_world, init_world, wrap
 from difflab.training.ema import EMA, unwrapped_state_dict
+from difflab.training.objectives import DiffusionObjective, Share
 
 METRICS = ["step", "loss", "grad_norm", "lr", "images_per_second", "minutes"]
 
@@ -99,11 +99,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same initial weights on every process
         self.network = build_network(config.model).to(self.world.device)
-        d = config.diffusion
-        self.denoiser = Precond(self.network, d.parameterization, sigma_data=d.sigma_data)
-        self.noise_levels = NOISE_LEVELS[d.noise_levels](**d.noise_options)
+        self.generator = torch.Generator().manual_seed(t.seed + 1)  # randomness of the global batch
+        self.objective = DiffusionObjective(config, self.network, self.generator)
         # Wrap first: FSDP replaces the parameters by shards, which the EMA and the optimizer must hold.
-        self.model = wrap(self.denoiser, t.distributed, self.world)
+        self.model = wrap(self.objective.module, t.distributed, self.world)
         self.sharded = self.world.size > 1 and t.distributed == "fsdp"
         self.ema = EMA(self.network, decays=t.ema_decays, sigma_rels=t.ema_sigma_rels)
         self.optimizer = torch.optim.AdamW(
@@ -112,7 +111,7 @@ class Trainer:
         )
         self.loader = open_loader(config.data.dataset, t.batch // t.accumulation, seed=t.seed, rank=self.world.rank,
                                   world_size=self.world.size, workers=config.data.workers)
-        self.generator = torch.Generator().manual_seed(t.seed + 1)  # noise for the global batch
+        self.sample_shape = self.loader.sample_shape  # what the network sees
         self.step, self.elapsed, self.images = 0, 0.0, 0
         if resume:
             self._load(ckpt.latest_checkpoint(self.checkpoints))
@@ -166,35 +165,22 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- training
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (mean loss on this process, gradient norm)."""
-        t, d, world = self.config.train, self.config.diffusion, self.world
+        t, world = self.config.train, self.world
         micro = t.batch // t.accumulation
-        share = micro // world.size
         bf16 = t.precision == "bfloat16"
         autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        # Drawn for the whole global batch, then sliced: the same samples see the same noise whatever the
-        # number of processes or accumulation rounds. Aspect-ratio buckets differ in size from round to
-        # round, so their noise is drawn per round (for the round's global micro-batch).
-        sigmas = self.noise_levels(t.batch, generator=self.generator)
-        drops = torch.rand(t.batch, generator=self.generator) < d.label_dropout
-        if not self.loader.bucketed:
-            noises = torch.randn((t.batch, *self.loader.sample_shape), generator=self.generator)
+        # Drawn for the whole global batch, then sliced: the same samples see the same randomness whatever the
+        # number of processes or accumulation rounds (aspect-ratio buckets: per round, see the objective).
+        draws = self.objective.draw(t.batch, None if self.loader.bucketed else self.sample_shape)
         total = torch.zeros((), dtype=torch.float64, device=world.device)  # sums as Python floats would
         for round_ in range(t.accumulation):
             images, labels = next(self.loader)
-            mine = slice(round_ * micro + world.rank * share, round_ * micro + (world.rank + 1) * share)
-            if self.loader.bucketed:
-                noise = torch.randn((micro, *images.shape[1:]), generator=self.generator)
-                noise = noise[world.rank * share : (world.rank + 1) * share]
-            else:
-                noise = noises[mine]
-            x0, sigma, noise = (v.to(world.device) for v in (images, sigmas[mine], noise))
-            cond = {}
-            if labels is not None and self.loader.num_classes:
-                cond = drop_condition({"class_labels": labels.to(world.device)}, drops[mine].to(world.device))
-            weight = loss_weight(d.loss_weight, sigma, d.sigma_data, d.min_snr_gamma)
+            share = Share(round_, micro, world.rank, world.size)
             sync = round_ == t.accumulation - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), autocast:
-                loss = denoising_loss(self.model, x0, sigma, weight, noise=noise, **cond).mean() / t.accumulation
+                loss, _ = self.objective.loss(self.model, images.to(world.device), labels, draws, share,
+                                              self.loader.num_classes)
+                loss = loss / t.accumulation
             loss.backward()
             total += loss.detach()
         total = total.item()  # one synchronisation per step, not one per accumulation round
