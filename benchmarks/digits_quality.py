@@ -34,7 +34,7 @@ from difflab.evaluation.report import noise_floor, sample_metrics
 from difflab.sampling.generate import class_labels
 from difflab.training import Trainer, load_run_config
 from difflab.training.run import Run, draw
-from difflab.training.trainer import make_denoiser
+from difflab.training.trainer import make_model
 
 ROOT = Path(__file__).parents[1]
 
@@ -58,7 +58,7 @@ class DifflabSystem:
 
     def sample(self, n: int, seed: int, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.trainer.ema.names[0]
-        run = Run(self.config, make_denoiser(self.config, self.trainer.ema.average(name)), None, name)
+        run = Run(self.config, make_model(self.config, self.trainer.ema.average(name)), None, name)
         return draw(run, n, seed=seed, **({"steps": steps} if steps else {}))
 
 

@@ -88,7 +88,8 @@ def test_contract_one_call_per_nfe_never_at_sigma_zero():
 
 def test_json_round_trip_and_cache_hit(tmp_path):
     mixture = GaussianMixture.ring()
-    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 3, "reference_steps": 20, "cache": tmp_path / "c.json"}
+    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 3, "reference_steps": 20,
+               "cache": tmp_path / "c.json"}
     solver = fit_bespoke(mixture, 3, **options)
     again = BespokeSolver.from_dict(json.loads(json.dumps(solver.to_dict())))
     x = torch.randn(32, 2, dtype=torch.float64) * solver.sigmas[0]

@@ -23,7 +23,8 @@ def test_schedule_contract(name, steps):
 
 
 @pytest.mark.parametrize("name", CLOSED_FORM)
-@pytest.mark.parametrize("kwargs", [dict(steps=0), dict(steps=2.5), dict(sigma_min=0.0), dict(sigma_min=5, sigma_max=1)])
+@pytest.mark.parametrize("kwargs", [dict(steps=0), dict(steps=2.5), dict(sigma_min=0.0),
+                                    dict(sigma_min=5, sigma_max=1)])
 def test_schedules_reject_bad_input(name, kwargs):
     args = dict(steps=5, sigma_min=0.002, sigma_max=80.0) | kwargs
     with pytest.raises(ValueError):

@@ -259,6 +259,21 @@ def _data_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode(args: argparse.Namespace) -> int:
+    from difflab.representation.pipeline import encode_dataset
+
+    try:
+        index = encode_dataset(args.encoder, args.data, args.out, batch=args.batch, per_shard=args.per_shard,
+                               progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"difflab encode: error: {exc}", file=sys.stderr)
+        return 2
+    shape = "x".join(map(str, index["shape"]))
+    print(f"difflab encode: {index['count']} latents of {shape} in {len(index['shards'])} shards -> {args.out}; "
+          f"train a generator on them with --set data.dataset={args.out} --set data.encoder={args.encoder}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -358,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--per-shard", type=_positive_int, default=1000, help="images per shard")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
     shard.set_defaults(run=_data_shard, set=[])
+    encode = verbs.add_parser("encode", help="encode a data set once into latent shards, for stage-2 training")
+    encode.add_argument("encoder", help="an autoencoder run directory or a diffusers AutoencoderKL folder")
+    encode.add_argument("data", help="a built-in data set or an image shard folder (difflab data shard)")
+    encode.add_argument("--out", type=_output_dir, required=True, help="folder for the latent shards")
+    encode.add_argument("--batch", type=_positive_int, default=64, help="images encoded at once")
+    encode.add_argument("--per-shard", type=_positive_int, default=1000, help="latents per shard")
+    encode.add_argument("--no-progress", action="store_true", help="no progress bar")
+    encode.set_defaults(run=_encode)
     info = verbs.add_parser("model-info", help="parameters, FLOPs and activation memory of a network config")
     info.add_argument("config", help="a preset name (e.g. dit_s_2, unet_32) or a YAML file with a model: section")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 
 from difflab.data.builtin import ImageDataset, load_dataset
 
@@ -97,7 +98,7 @@ class BatchLoader(_Resumable):
         self.dataset = dataset
         self.sample_shape = tuple(dataset.images.shape[1:])
         self.num_classes = dataset.num_classes
-        self.bucketed = False
+        self.bucketed, self.encoder = False, None
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         indices, (self.epoch, self.position) = self.order.take((self.epoch, self.position))
@@ -123,6 +124,7 @@ class ShardReader:
         (self.shard, self.offset, self.size, self.meta_offset, self.meta_size, self.labels,
          self.bucket) = samples.unbind(1)
         self.sizes = [tuple(size) for size in self.index["buckets"]]  # (height, width) per bucket
+        self.latent = self.index.get("kind") == "latent"  # latents of data.encoder (difflab encode)
         self._files: dict[int, io.BufferedReader] = {}
 
     def __len__(self) -> int:
@@ -150,12 +152,16 @@ class ShardReader:
         return json.loads(self._read(k, self.meta_offset, self.meta_size))
 
     def tensors(self, indices: torch.Tensor, offsets: np.ndarray | None = None) -> torch.Tensor:
-        """Samples ``indices`` cropped to their bucket's size, stacked (B, C, H, W) in [-1, 1].
+        """Samples ``indices`` cropped to their bucket's size, stacked (B, C, H, W) in [-1, 1]; or, for latent
+        shards, the latents as written.
 
         ``offsets`` (B, 2) in [0, 1) place random crops; None crops the centre.
         """
         from difflab.data.sources import to_tensor
 
+        if self.latent:
+            return torch.stack([load_safetensors(self._read(k, self.offset, self.size))["latent"]
+                                for k in indices.tolist()])
         images = []
         for j, k in enumerate(indices.tolist()):
             image = self.image(k)
@@ -215,9 +221,13 @@ class ShardLoader(_Resumable):
         buckets = self.reader.bucket if len(self.reader.sizes) > 1 else None
         super().__init__(Order(len(self.reader), batch, seed, buckets), rank, world_size)
         self.workers, self.prefetch, self.random_crop = workers, prefetch, index["crop"] == "random"
-        channels = 3 if index["mode"] == "RGB" else 1
         self.bucketed = len(self.reader.sizes) > 1  # then batches differ in size from sample_shape's square
-        self.sample_shape = (channels, index["resolution"], index["resolution"])
+        if self.reader.latent:
+            self.sample_shape = tuple(index["shape"])
+        else:
+            channels = 3 if index["mode"] == "RGB" else 1
+            self.sample_shape = (channels, index["resolution"], index["resolution"])
+        self.encoder = index.get("encoder")  # what made latent shards
         self.num_classes = len(index["classes"])
         self._batches = None
 

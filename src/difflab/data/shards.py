@@ -19,6 +19,8 @@ import tarfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from difflab.data.builtin import ImageDataset
@@ -75,24 +77,54 @@ def write_shards(root: str | Path, records: list[Record], out: str | Path, resol
     if resolution < 1 or per_shard < 1:
         raise ValueError("resolution and per_shard must be positive")
     root, out = Path(root), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = aspect_buckets(resolution) if buckets else [(resolution, resolution)]
     classes = sorted({r.label for r in records if r.label is not None})
-    shards, samples, skipped = [], [], []
+    skipped = []
     encoded = _encode(root, records, mode, sizes, crop, classes, skipped, progress)
+    index = {"format": FORMAT, "kind": "image", "name": name or Path(root).name, "resolution": resolution,
+             "mode": mode, "crop": crop, "buckets": [list(size) for size in sizes], "classes": classes,
+             "skipped": skipped}
+    return _write(out, encoded, "png", per_shard, index, f"no readable images among {len(records)} records")
+
+
+def write_latent_shards(out: str | Path, batches, encoder: str, classes: list[str], name: str,
+                        per_shard: int = 1000) -> dict:
+    """Shards of latents: ``batches`` yields (latents (B, C, ...), labels (B,) or None, captions or None);
+    ``encoder`` is what made them (a run directory or a VAE folder), recorded so samples can be decoded."""
+
+    def encoded():
+        for latents, labels, captions in batches:
+            for k, latent in enumerate(latents):
+                label = None if labels is None or labels[k] < 0 else int(labels[k])
+                meta = json.dumps({"label": label, "caption": None if captions is None else captions[k]}).encode()
+                yield save_safetensors({"latent": latent.contiguous().cpu()}), meta, -1 if label is None else label, 0
+
+    items = encoded()
+    first = next(items, None)
+    if first is None:
+        raise ValueError("no samples to encode")
+    shape = list(load_safetensors(first[0])["latent"].shape)
+    index = {"format": FORMAT, "kind": "latent", "name": name, "encoder": encoder, "shape": shape,
+             "resolution": shape[-1], "mode": "latent", "crop": "center", "buckets": [shape[-2:]],
+             "classes": classes, "skipped": []}
+    return _write(Path(out), itertools.chain([first], items), "safetensors", per_shard, index, "no samples")
+
+
+def _write(out: Path, encoded, extension: str, per_shard: int, index: dict, empty: str) -> dict:
+    """Write (payload, meta, label, bucket) items into shards of ``per_shard``, then ``index.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards, samples = [], []
     while chunk := list(itertools.islice(encoded, per_shard)):
         shard = f"shard-{len(shards):05d}.tar"
         with replacing(out / shard) as tmp, tarfile.open(tmp, "w") as tar:
-            for png, meta, label, bucket in chunk:
+            for payload, meta, label, bucket in chunk:
                 key = f"{len(samples):08d}"
-                png_at, meta_at = _add(tar, f"{key}.png", png), _add(tar, f"{key}.json", meta)
-                samples.append([len(shards), png_at, len(png), meta_at, len(meta), label, bucket])
+                payload_at, meta_at = _add(tar, f"{key}.{extension}", payload), _add(tar, f"{key}.json", meta)
+                samples.append([len(shards), payload_at, len(payload), meta_at, len(meta), label, bucket])
         shards.append(shard)
     if not samples:
-        raise ValueError(f"no readable images among {len(records)} records")
-    index = {"format": FORMAT, "name": name or Path(root).name, "resolution": resolution, "mode": mode,
-             "crop": crop, "buckets": [list(size) for size in sizes], "count": len(samples), "shards": shards,
-             "classes": classes, "samples": samples, "skipped": skipped}
+        raise ValueError(empty)
+    index = {**index, "count": len(samples), "shards": shards, "samples": samples}
     write_atomic(out / "index.json", json.dumps(index, separators=(",", ":")))
     return index
 

@@ -14,7 +14,14 @@ from difflab.config import ConfigError, build, load_yaml, to_dict
 from difflab.models.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.models.unet import UNet, UNetConfig
 
-ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {"unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}
+
+def architectures() -> dict[str, tuple[type[nn.Module], type]]:
+    """Every network family by its ``arch`` name: (network, config). The autoencoder's module builds on this
+    package's layers, so it is imported here, at the first call, rather than at import time."""
+    from difflab.representation.autoencoder import Autoencoder, AutoencoderConfig
+
+    return {"unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig), "autoencoder": (Autoencoder, AutoencoderConfig)}
+
 
 PRESETS: dict[str, dict] = {
     # Small enough for CPU tests and the demo.
@@ -40,21 +47,22 @@ def network_config(mapping: Mapping | str) -> UNetConfig | DiTConfig:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         mapping = {**PRESETS[name], **mapping}
     arch = mapping.pop("arch", None)
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"model config needs arch: one of {', '.join(ARCHITECTURES)} (or a preset), got {arch!r}")
-    return build(ARCHITECTURES[arch][1], mapping, prefix=arch)
+    families = architectures()
+    if arch not in families:
+        raise ConfigError(f"model config needs arch: one of {', '.join(families)} (or a preset), got {arch!r}")
+    return build(families[arch][1], mapping, prefix=arch)
 
 
 def network_mapping(config: UNetConfig | DiTConfig) -> dict:
     """The complete mapping (``arch`` plus every field) that :func:`network_config` turns back into ``config``."""
-    arch = next(name for name, (_, cfg) in ARCHITECTURES.items() if isinstance(config, cfg))
+    arch = next(name for name, (_, cfg) in architectures().items() if isinstance(config, cfg))
     return {"arch": arch, **to_dict(config)}
 
 
 def build_network(mapping: Mapping | str | UNetConfig | DiTConfig) -> nn.Module:
     """The network a config describes: ``build_network("dit_s_2")`` or ``build_network({"arch": "unet", ...})``."""
     config = mapping if dataclasses.is_dataclass(mapping) else network_config(mapping)
-    network_type = next(net for net, cfg in ARCHITECTURES.values() if isinstance(config, cfg))
+    network_type = next(net for net, cfg in architectures().values() if isinstance(config, cfg))
     return network_type(config)
 
 

@@ -2,7 +2,7 @@
 
 from difflab.training.config import RunConfig, load_run_config, resolve
 from difflab.training.ema import EMA, posthoc_ema
-from difflab.training.trainer import Trainer, TrainingError, make_denoiser
+from difflab.training.trainer import Trainer, TrainingError, make_model
 
-__all__ = ["EMA", "RunConfig", "Trainer", "TrainingError", "load_run_config", "make_denoiser", "posthoc_ema",
+__all__ = ["EMA", "RunConfig", "Trainer", "TrainingError", "load_run_config", "make_model", "posthoc_ema",
            "resolve"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from difflab.config import ConfigError, apply_overrides, build, load_yaml
 from difflab.diffusion import LOSS_WEIGHTS, NOISE_LEVELS, PARAMETERIZATIONS
+from difflab.representation.losses import AutoencoderLossConfig
 from difflab.sampling import SCHEDULES, SOLVERS
 
 
@@ -25,6 +26,9 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 class DataConfig:
     dataset: str = "digits"  # a built-in name (held in memory) or a shard folder (streamed; difflab data shard)
     workers: int = 0  # processes decoding a streamed shard folder; 0 decodes in the training process
+    # Stage 2 of latent diffusion: an autoencoder run directory or a diffusers AutoencoderKL folder. The generator
+    # learns its latents: encoded on the fly from images, or read from latent shards (difflab encode).
+    encoder: str | None = None
 
     def __post_init__(self):
         from difflab.data import DATASETS
@@ -144,6 +148,17 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # autoencoder runs only
+
+
+def encoder_source(config: RunConfig, data) -> str | None:
+    """The encoder a run's generator learns the latents of: ``data.encoder``, or the one latent shards were
+    written with. Latent shards written with another encoder than ``data.encoder`` are an error."""
+    stored = getattr(data, "encoder", None)
+    given = config.data.encoder and str(Path(config.data.encoder).resolve())
+    if stored and given and stored != given:
+        raise ConfigError(f"data.dataset holds latents of {stored}, but data.encoder is {given}")
+    return given or stored
 
 
 def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
@@ -157,7 +172,22 @@ def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
     data = open_loader(config.data.dataset, batch=1)
     shape, num_classes = data.sample_shape, data.num_classes
     model = dict(config.model)
-    # The data set fixes the input; a config may leave these keys out.
+    if model.get("arch") == "autoencoder":  # any image size the downsampling factor divides
+        if config.data.encoder:
+            raise ConfigError("an autoencoder learns from data, not from latents: remove data.encoder")
+        model.setdefault("in_channels", shape[0])
+        network = network_config(model)
+        try:
+            network.latent_shape(shape)
+        except ValueError as exc:
+            raise ConfigError(f"data set {config.data.dataset!r}: {exc}") from None
+        return replace(config, model=network_mapping(network))
+    source = encoder_source(config, data)
+    if source and not getattr(data, "encoder", None):  # images, encoded on the fly
+        from difflab.representation.encoders import load_encoder
+
+        shape = load_encoder(source).latent_shape(shape)
+    # The data set (or its latents) fixes the input; a config may leave these keys out.
     model.setdefault("in_channels", shape[0])
     model.setdefault("resolution", shape[-1])
     model.setdefault("num_classes", num_classes)
@@ -169,7 +199,7 @@ def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
             f"model expects {network.in_channels}x{network.resolution}x{network.resolution} inputs but data set "
             f"{config.data.dataset!r} has {'x'.join(map(str, shape))}"
         )
-    return replace(config, model=network_mapping(network))
+    return replace(config, model=network_mapping(network), data=replace(config.data, encoder=source))
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -31,9 +31,9 @@ class DiffusionObjective:
 
     columns: tuple[str, ...] = ()
 
-    def __init__(self, config, network: nn.Module, generator: torch.Generator, encoder=None):
+    def __init__(self, config, network: nn.Module, generator: torch.Generator, num_classes: int, encoder=None):
         d = config.diffusion
-        self.config, self.generator, self.encoder = config, generator, encoder
+        self.config, self.generator, self.num_classes, self.encoder = config, generator, num_classes, encoder
         self.module = Precond(network, d.parameterization, sigma_data=d.sigma_data)
         self.noise_levels = NOISE_LEVELS[d.noise_levels](**d.noise_options)
 
@@ -46,7 +46,7 @@ class DiffusionObjective:
         return draws
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels, draws: dict, share: Share,
-             num_classes: int) -> tuple[torch.Tensor, dict]:
+             step: int) -> tuple[torch.Tensor, dict]:
         d, device = self.config.diffusion, images.device
         x0 = images if self.encoder is None else self.encoder.encode(images)
         if "noises" in draws:
@@ -55,10 +55,86 @@ class DiffusionObjective:
             noise = torch.randn((share.micro, *x0.shape[1:]), generator=self.generator)[share.part]
         sigma, noise = draws["sigmas"][share.whole].to(device), noise.to(device)
         cond = {}
-        if labels is not None and num_classes:
+        if labels is not None and self.num_classes:
             cond = drop_condition({"class_labels": labels.to(device)}, draws["drops"][share.whole].to(device))
         weight = loss_weight(d.loss_weight, sigma, d.sigma_data, d.min_snr_gamma)
         return denoising_loss(model, x0, sigma, weight, noise=noise, **cond).mean(), {}
 
     def after_step(self, step: int) -> dict:
         return {}
+
+    def state_tensors(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def load_state_tensors(self, tensors: dict, settings: dict) -> None:
+        pass
+
+
+class AutoencoderObjective:
+    """The KL autoencoder of latent diffusion (Rombach et al. 2022): reconstruction + KL through a posterior sample
+    and, from ``loss.gan_start`` on, a PatchGAN discriminator with its own AdamW (betas 0.5, 0.9, as LDM), stepped
+    after every autoencoder step on that step's reconstructions."""
+
+    columns = ("rec", "kl", "adversarial", "disc_loss")
+
+    def __init__(self, config, network: nn.Module, generator: torch.Generator, wrap, device):
+        from difflab.representation.losses import AutoencoderLoss
+
+        self.config, self.network, self.generator = config, network, generator
+        self.module = network
+        self.losses = AutoencoderLoss(config.loss, network.config.in_channels).to(device)
+        self.discriminator = self.optimizer = None
+        if self.losses.discriminator is not None:
+            self.discriminator = wrap(self.losses.discriminator)
+            self.optimizer = torch.optim.AdamW(self.losses.discriminator.parameters(),
+                                               lr=config.loss.disc_lr or config.optim.lr, betas=(0.5, 0.9))
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def draw(self, batch: int, sample_shape) -> dict:
+        return {}
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels, draws: dict, share: Share,
+             step: int) -> tuple[torch.Tensor, dict]:
+        # The posterior sample's noise, drawn for the round's global micro-batch and sliced.
+        latent = self.network.config.latent_shape(tuple(images.shape[1:]))
+        noise = torch.randn((share.micro, *latent), generator=self.generator)[share.part].to(images.device)
+        reconstruction, mean, logvar = model(images, noise=noise)
+        loss, logs = self.losses.generator_loss(images, reconstruction, mean, logvar, step,
+                                                self.network.decoder.conv_out.weight)
+        if self.optimizer is not None and self.losses.trains_discriminator(step):
+            self.pending.append((images, reconstruction.detach()))
+        return loss, logs
+
+    def after_step(self, step: int) -> dict:
+        """One discriminator step on the rounds of the autoencoder step ``step`` just taken."""
+        if not self.pending:
+            return {"disc_loss": 0.0}
+        logs = {}
+        for images, reconstruction in self.pending:
+            loss, logs = self.losses.discriminator_loss(images, reconstruction, step, self.discriminator)
+            (loss / len(self.pending)).backward()
+        self.pending.clear()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return logs
+
+    def state_tensors(self) -> tuple[dict, dict]:
+        """The discriminator's weights and optimizer state, for the checkpoint."""
+        if self.optimizer is None:
+            return {}, {}
+        from difflab.training.checkpoint import optimizer_to_tensors
+
+        optimizer, settings = optimizer_to_tensors(self.optimizer.state_dict())
+        tensors = {f"discriminator.{k}": v for k, v in self.losses.discriminator.state_dict().items()}
+        return {**tensors, **{f"discriminator_optimizer.{k}": v for k, v in optimizer.items()}}, settings
+
+    def load_state_tensors(self, tensors: dict, settings: dict) -> None:
+        if self.optimizer is None:
+            return
+        from difflab.training.checkpoint import optimizer_from_tensors
+
+        self.losses.discriminator.load_state_dict(
+            {k.removeprefix("discriminator."): v for k, v in tensors.items() if k.startswith("discriminator.")})
+        optimizer = {k.removeprefix("discriminator_optimizer."): v for k, v in tensors.items()
+                     if k.startswith("discriminator_optimizer.")}
+        self.optimizer.load_state_dict(optimizer_from_tensors(optimizer, settings))

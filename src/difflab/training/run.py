@@ -8,24 +8,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from difflab.config import load_yaml
 from difflab.diffusion import Precond
 from difflab.paths import replacing
+from difflab.representation.encoders import Encoder, load_encoder
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig, resolve
-from difflab.training.trainer import ema_file, make_denoiser
+from difflab.training.trainer import ema_file, is_autoencoder, make_model
 
 
 @dataclass
 class Run:
     config: RunConfig
-    denoiser: Precond
+    model: nn.Module  # the denoiser Precond(network) of a generator, or an autoencoder
     checkpoint: Path | None  # None for weights still in memory (the trainer's own sample grids)
     weights: str  # "model" or the EMA's name
+    encoder: Encoder | None = None  # a latent generator's (stage 2): its samples are decoded through it
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model.network if isinstance(self.model, Precond) else self.model
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
+        """The shape the network generates (a latent's for stage-2 runs)."""
         m = self.config.model
         frames = (m["frames"],) if m.get("frames") else ()
         return (m["in_channels"], *frames, m["resolution"], m["resolution"])
@@ -53,7 +61,8 @@ def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None
         path, weights = folder / ema_file(name), f"ema-{name.removeprefix('ema-')}"
         if not path.is_file():
             raise FileNotFoundError(f"no EMA {name!r} in {folder}; available: {', '.join(available) or 'none'}")
-    return Run(config, make_denoiser(config, ckpt.load_tensors(path), device), folder, weights)
+    encoder = load_encoder(config.data.encoder, device) if config.data.encoder else None
+    return Run(config, make_model(config, ckpt.load_tensors(path), device), folder, weights, encoder)
 
 
 def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool = False, **options):
@@ -61,20 +70,42 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
     seed ``seed + i``. ``class_label="balanced"`` falls back to unconditional for unconditional models."""
     from difflab.sampling.generate import generate
 
+    if is_autoencoder(run.config):
+        raise ValueError("an autoencoder run reconstructs, it does not sample: use reconstruct()")
     if not run.num_classes and class_label == "balanced":
         class_label = None
     s = run.config.sample
     defaults = dict(solver=s.solver, steps=s.steps, schedule=s.schedule, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
-    return generate(run.denoiser, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
-                    seed=seed, progress=progress, **{**defaults, **options})
+    images, labels = generate(run.model, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
+                              seed=seed, progress=progress, **{**defaults, **options})
+    if run.encoder is not None:
+        device = next(run.model.parameters()).device
+        images = torch.cat([run.encoder.decode(chunk.to(device)).cpu() for chunk in images.split(64)])
+    return images, labels
+
+
+@torch.no_grad()
+def reconstruct(run: Run, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` samples of an autoencoder run's data (drawn with ``seed``) and their reconstructions, interleaved
+    row by row: originals, then the same images through the posterior mean."""
+    from difflab.data import open_loader
+
+    images, _ = next(open_loader(run.config.data.dataset, n, seed=seed))
+    device = next(run.model.parameters()).device
+    reconstruction = run.model(images.to(device), sample=False)[0].clamp(-1, 1).cpu()
+    columns = min(n, 8)
+    rows = [chunk for pair in zip(images.split(columns), reconstruction.split(columns)) for chunk in pair]
+    return torch.cat(rows)
 
 
 def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = False) -> tuple[dict, torch.Tensor]:
     """Score ``n`` class-balanced samples of a run against its data set (metrics and the noise floor)."""
-    from difflab.data import load_dataset
+    from difflab.data import load_dataset, open_loader
     from difflab.evaluation.features import FeatureExtractor, feature_network
     from difflab.evaluation.report import noise_floor, sample_metrics
 
+    if open_loader(run.config.data.dataset, 1).encoder:
+        raise ValueError(f"{run.config.data.dataset} holds latents; evaluate against the images they came from")
     dataset = load_dataset(run.config.data.dataset)
     extractor = extractor or FeatureExtractor.from_network(feature_network(dataset.images, dataset.labels))
     images, labels = draw(run, n, seed=seed, progress=progress)
@@ -91,6 +122,10 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz, got {out.name!r}")
+    if is_autoencoder(run.config):  # pictures of what it does: data over reconstruction
+        if out.suffix != ".png":
+            raise ValueError("an autoencoder run writes its reconstructions as a .png grid")
+        return save_image_grid(reconstruct(run, n, seed), out, columns=min(n, 8))
     images, labels = draw(run, n, class_label, seed, progress, **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":

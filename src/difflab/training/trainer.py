@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -34,13 +35,15 @@ from difflab.data import open_loader
 from difflab.diffusion import Precond
 from difflab.models import build_network
 from difflab.paths import replacing, write_atomic
+from difflab.representation.encoders import latent_statistics, load_encoder, write_statistics
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig
 from difflab.training.distributed import World, close_world, init_world, wrap
 from difflab.training.ema import EMA, unwrapped_state_dict
-from difflab.training.objectives import DiffusionObjective, Share
+from difflab.training.objectives import AutoencoderObjective, DiffusionObjective, Share
 
 METRICS = ["step", "loss", "grad_norm", "lr", "images_per_second", "minutes"]
+STATISTICS_BATCH, STATISTICS_BATCHES = 64, 16  # latent statistics from 1,024 training samples
 
 
 class TrainingError(RuntimeError):
@@ -67,11 +70,18 @@ def lr_factor(step: int, config: RunConfig) -> float:
     return warmup * decay
 
 
-def make_denoiser(config: RunConfig, state: dict | None = None, device=None) -> Precond:
-    """The denoiser a run config describes, with the given weights (a network state dict)."""
+def is_autoencoder(config: RunConfig) -> bool:
+    return config.model.get("arch") == "autoencoder"
+
+
+def make_model(config: RunConfig, state: dict | None = None, device=None) -> nn.Module:
+    """What a run config trains, with the given weights (a network state dict): the denoiser ``Precond(network)``
+    of a generator, or the autoencoder itself."""
     network = build_network(config.model)
     if state is not None:
         network.load_state_dict(state)
+    if is_autoencoder(config):
+        return network.to(device).eval()
     d = config.diffusion
     return Precond(network, d.parameterization, sigma_data=d.sigma_data).to(device).eval()
 
@@ -97,10 +107,26 @@ class Trainer:
             self._prepare_run_dir(resume)
         self.world.barrier()
 
+        self.loader = open_loader(config.data.dataset, t.batch // t.accumulation, seed=t.seed, rank=self.world.rank,
+                                  world_size=self.world.size, workers=config.data.workers)
+        self.sample_shape = self.loader.sample_shape  # what the network sees
+        self.encoder = None  # stage 2: the frozen encoder of data.encoder, for images and for sample grids
+        if config.data.encoder:
+            self.encoder = load_encoder(config.data.encoder, self.world.device)
+            if not self.loader.encoder:  # images: encoded on the fly
+                self.sample_shape = self.encoder.latent_shape(self.sample_shape)
         torch.manual_seed(t.seed)  # the same initial weights on every process
         self.network = build_network(config.model).to(self.world.device)
         self.generator = torch.Generator().manual_seed(t.seed + 1)  # randomness of the global batch
-        self.objective = DiffusionObjective(config, self.network, self.generator)
+        if is_autoencoder(config):
+            if self.world.size > 1 and t.distributed == "fsdp":
+                raise ValueError("autoencoder runs use train.distributed=ddp (the discriminator is not sharded)")
+            self.objective = AutoencoderObjective(config, self.network, self.generator,
+                                                  lambda m: wrap(m, t.distributed, self.world), self.world.device)
+        else:
+            on_the_fly = self.encoder if self.encoder is not None and not self.loader.encoder else None
+            self.objective = DiffusionObjective(config, self.network, self.generator, self.loader.num_classes,
+                                                on_the_fly)
         # Wrap first: FSDP replaces the parameters by shards, which the EMA and the optimizer must hold.
         self.model = wrap(self.objective.module, t.distributed, self.world)
         self.sharded = self.world.size > 1 and t.distributed == "fsdp"
@@ -109,10 +135,7 @@ class Trainer:
             self.network.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
             weight_decay=config.optim.weight_decay, **_fused(self.world.device),
         )
-        self.loader = open_loader(config.data.dataset, t.batch // t.accumulation, seed=t.seed, rank=self.world.rank,
-                                  world_size=self.world.size, workers=config.data.workers)
-        self.sample_shape = self.loader.sample_shape  # what the network sees
-        self.step, self.elapsed, self.images = 0, 0.0, 0
+        self.step, self.elapsed, self.images, self.logs = 0, 0.0, 0, {}
         if resume:
             self._load(ckpt.latest_checkpoint(self.checkpoints))
         if t.compile:
@@ -155,6 +178,9 @@ class Trainer:
                 for key, value in state.items():  # moments in the parameter's layout (channels-last
                     if value.shape == param.shape:  # convolutions): the fused kernel assumes it
                         state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+        self.objective.load_state_tensors(
+            {k.removeprefix("objective."): v for k, v in tensors.items() if k.startswith("objective.")},
+            meta.get("objective") or {})
         torch.set_rng_state(tensors["rng.torch"])
         self.generator.set_state(tensors["rng.noise"])
         self.loader.load_state_dict(meta["data"])
@@ -178,8 +204,7 @@ class Trainer:
             share = Share(round_, micro, world.rank, world.size)
             sync = round_ == t.accumulation - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), autocast:
-                loss, _ = self.objective.loss(self.model, images.to(world.device), labels, draws, share,
-                                              self.loader.num_classes)
+                loss, logs = self.objective.loss(self.model, images.to(world.device), labels, draws, share, self.step)
                 loss = loss / t.accumulation
             loss.backward()
             total += loss.detach()
@@ -196,6 +221,7 @@ class Trainer:
             group["lr"] = self.config.optim.lr * lr_factor(self.step, self.config)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.logs = {**logs, **self.objective.after_step(self.step)}  # the last round's terms
         self.step += 1
         self.images += t.batch
         self.ema.update(self.network, self.step)
@@ -206,7 +232,8 @@ class Trainer:
         t, world = self.config.train, self.world
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and world.main), unit="step",
                    dynamic_ncols=True)
-        metrics = _MetricsWriter(self.run_dir / "metrics.csv") if world.main else None
+        columns = METRICS + list(self.objective.columns)
+        metrics = _MetricsWriter(self.run_dir / "metrics.csv", columns) if world.main else None
         interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
         segment_start, start_elapsed = time.perf_counter(), self.elapsed
         stop_reason = "steps"
@@ -220,7 +247,8 @@ class Trainer:
                     seconds = time.perf_counter() - interval_start
                     row = dict(step=self.step, loss=world.mean(interval_loss / interval_steps), grad_norm=grad_norm,
                                lr=self.optimizer.param_groups[0]["lr"], images_per_second=interval_steps * t.batch
-                               / seconds, minutes=self.elapsed / 60)
+                               / seconds, minutes=self.elapsed / 60,
+                               **{c: self.logs[c] for c in self.objective.columns if c in self.logs})
                     if metrics:
                         metrics.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
@@ -269,6 +297,8 @@ class Trainer:
             for name, average in averages.items():
                 ckpt.save_tensors(tmp / ema_file(name), average, {**metadata, "ema": name})
             tensors = {"rng.torch": torch.get_rng_state(), "rng.noise": self.generator.get_state()}
+            objective, objective_settings = self.objective.state_tensors()
+            tensors.update({f"objective.{k}": v for k, v in objective.items()})
             settings = None
             if not self.sharded:
                 optimizer, settings = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
@@ -276,8 +306,11 @@ class Trainer:
             ckpt.save_tensors(tmp / "trainer.safetensors", tensors)
             ckpt.write_json(tmp / "trainer.json", dict(
                 step=self.step, elapsed_seconds=self.elapsed, images=self.images, data=self.loader.state_dict(),
-                optimizer=settings, world_size=self.world.size, difflab=__version__,
+                optimizer=settings, objective=objective_settings, world_size=self.world.size, difflab=__version__,
             ))
+            if is_autoencoder(self.config):
+                name = self._sampling_name()
+                self._write_latent_statistics(tmp, averages[name] if name else model)
             ckpt.commit(self.checkpoints, tmp, self.step, self.config.train.keep)
         self.world.barrier()
 
@@ -291,20 +324,38 @@ class Trainer:
                 ckpt.save_tensors(tmp, tensors, {"step": str(self.step), **gammas})
         self.world.barrier()
 
-    def save_samples(self) -> Path | None:
-        """A grid of samples from the first EMA (balanced over classes) in ``samples/``."""
-        s, path = self.config.sample, None
-        name = s.ema or (self.ema.names[0] if self.ema.names else None)
+    def _sampling_name(self) -> str | None:
+        """The average samples (and latent statistics) use: ``sample.ema``, the first EMA, or None (raw weights)."""
+        return self.config.sample.ema or (self.ema.names[0] if self.ema.names else None)
+
+    def _sampling_weights(self) -> tuple[dict, str | None]:
+        """The weights of :meth:`_sampling_name`, whole; a collective."""
+        name = self._sampling_name()
         weights = self.ema.average(name) if name else unwrapped_state_dict(self.network)
-        state = {k: _full(v) for k, v in weights.items()}  # every process takes part in gathering shards
+        return {k: _full(v) for k, v in weights.items()}, name  # every process takes part in gathering shards
+
+    def save_samples(self) -> Path | None:
+        """A grid in ``samples/`` from the first EMA: samples (balanced over classes, decoded from latents in
+        stage 2), or an autoencoder's reconstructions under the originals."""
+        state, name = self._sampling_weights()
+        path = None
         if self.world.main:
             from difflab.training.run import Run, write_samples  # run.py builds on this module
 
-            run = Run(self.config, make_denoiser(self.config, state, self.world.device), None, name or "model")
-            path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png", n=s.n,
-                                 device=self.world.device)
+            model = make_model(self.config, state, self.world.device)
+            run = Run(self.config, model, None, name or "model", self.encoder)
+            path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png",
+                                 n=self.config.sample.n, device=self.world.device)
         self.world.barrier()
         return path
+
+    def _write_latent_statistics(self, folder: Path, state: dict) -> None:
+        """Per-channel statistics of the autoencoder's latents over training data, beside its weights."""
+        autoencoder = make_model(self.config, state, self.world.device)
+        data = open_loader(self.config.data.dataset, STATISTICS_BATCH, seed=self.config.train.seed + 2)
+        batches = [next(data)[0] for _ in range(STATISTICS_BATCHES)]
+        shift, scale = latent_statistics(autoencoder, (x.to(self.world.device) for x in batches))
+        write_statistics(folder, shift, scale, images=STATISTICS_BATCH * STATISTICS_BATCHES)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -327,10 +378,10 @@ def _fused(device: torch.device) -> dict:
 class _MetricsWriter:
     """Appends rows to metrics.csv (and to TensorBoard when it is installed)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: list[str]):
         new = not path.exists() or path.stat().st_size == 0
         self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=METRICS)
+        self.writer = csv.DictWriter(self.file, fieldnames=columns)
         if new:
             self.writer.writeheader()
         try:
@@ -359,8 +410,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if int(row["step"]) <= step]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS)
+        writer = csv.DictWriter(f, fieldnames=reader.fieldnames or METRICS)
         writer.writeheader()
         writer.writerows(rows)
