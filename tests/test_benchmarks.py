@@ -122,3 +122,20 @@ def test_data_loader_benchmark_smoke(data_loader_module, tmp_path, capsys):
     assert {("emoji", "jpeg folder", 1), ("emoji", "shards", 0), ("digits", "memory", 0)} <= sources
     assert all(row["samples_per_s"] > 0 for row in result["loaders"] + result["training"])
     assert {row["source"] for row in result["training"]} == {"memory", "shards, 0 workers", "shards, 1 workers"}
+
+
+@pytest.fixture
+def autoencoder_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "autoencoder")
+
+
+def test_autoencoder_benchmark_smoke(autoencoder_module, tmp_path, capsys):
+    out = tmp_path / "autoencoder.json"
+    assert autoencoder_module.main(["--quick", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    assert "latent training is" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["stage1"]["factor"] == 4 and result["stage1"]["latent_channels"] == 4
+    assert 0 < result["stage1"]["autoencoder"]["psnr"] < 60 and -1 <= result["stage1"]["bicubic"]["ssim"] <= 1
+    assert set(result["generators"]) == {"pixel", "latent"} and result["latent_over_pixel_images_per_second"] > 0
+    with pytest.raises(SystemExit):  # a used work folder is never overwritten
+        autoencoder_module.main(["--quick", "--work", str(tmp_path / "work")])

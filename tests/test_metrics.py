@@ -271,3 +271,16 @@ def test_load_feature_extractor_rejects_other_files(tmp_path):
         with pytest.raises(ValueError, match="not a TorchScript archive") as error:
             load_feature_extractor(path)
         assert "\n" not in str(error.value)
+
+
+def test_psnr_and_ssim_match_closed_forms():
+    from difflab.evaluation import psnr, ssim
+
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert psnr(x, x + 0.1) == pytest.approx(10 * math.log10(4 / 0.01))  # range 2, MSE 0.01
+    assert ssim(x, x) == pytest.approx(1.0) and ssim(x, -x) < -0.9
+    a, b = torch.full((1, 1, 12, 12), 0.2), torch.full((1, 1, 12, 12), -0.4)  # constants: luminance term only
+    ua, ub, c1 = 0.6, 0.3, 0.01**2
+    assert ssim(a, b) == pytest.approx((2 * ua * ub + c1) / (ua**2 + ub**2 + c1))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(x[..., :8, :8], x[..., :8, :8])

@@ -9,10 +9,12 @@ from difflab.evaluation.metrics import (
     frechet_distance_from_moments,
     nearest_neighbour_distances,
     precision_recall,
+    psnr,
+    ssim,
 )
 
 __all__ = [
     "DigitFeatureNet", "FeatureExtractor", "classification_accuracy", "feature_network", "feature_statistics",
     "frechet_distance", "frechet_distance_from_moments", "load_feature_extractor", "mmd",
-    "nearest_neighbour_distances", "precision_recall", "rmse",
+    "nearest_neighbour_distances", "precision_recall", "psnr", "rmse", "ssim",
 ]

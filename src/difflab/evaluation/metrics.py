@@ -92,6 +92,34 @@ def _psd_factor(cov: np.ndarray) -> np.ndarray:
     return eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))
 
 
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB, averaged over images: 10 log10(range^2 / MSE) per image ([-1, 1]: range 2)."""
+    mse = (x.double() - y.double()).flatten(1).square().mean(1).clamp_min(1e-20)
+    return float((10 * torch.log10(data_range**2 / mse)).mean())
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Structural similarity (Wang et al. 2004) of (B, C, H, W) images in [-1, 1]: an 11x11 Gaussian window (sigma
+    1.5), K1 = 0.01, K2 = 0.03, per channel, averaged over the valid positions, channels and images. Computed on
+    intensities in [0, 1]: its luminance term assumes non-negative signals (on zero-mean data an image and its
+    negative would score as alike)."""
+    x, y, data_range = (x.double() + 1) / 2, (y.double() + 1) / 2, 1.0
+    channels = x.shape[1]
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(channels, 1, 11, 11)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window, groups=channels)
+
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"SSIM's 11x11 window needs images of at least 11x11, got {tuple(x.shape[-2:])}")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    index = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(index.mean())
+
+
 def precision_recall(
     real_features: torch.Tensor | np.ndarray, fake_features: torch.Tensor | np.ndarray, k: int = 3
 ) -> tuple[float, float]:
