@@ -107,6 +107,9 @@ def test_stage_two_mistakes_get_one_line_errors(autoencoder_run, tmp_path, capsy
     assert "already holds latents" in capsys.readouterr().err
     assert main(["encode", str(tmp_path), "digits", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "neither 'pixels', an autoencoder run directory nor a diffusers" in capsys.readouterr().err
+    (tmp_path / "ae.yaml").write_text(json.dumps({"model": AE["model"]}))  # JSON is YAML
+    assert main(["model-info", str(tmp_path / "ae.yaml")]) == 2
+    assert "model-info measures denoisers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="is a unet run, not an autoencoder run"):
         run_dir = tmp_path / "pixels"
         Trainer(resolve({**STAGE2, "model": {**LATENT_UNET, "attention_resolutions": [4]},

@@ -111,6 +111,8 @@ def model_info(mapping, batch: int = 1, text_tokens: int = 77) -> dict:
     activation memory is the size of the tensors autograd saves for the backward pass, parameters excluded.
     """
     config = mapping if dataclasses.is_dataclass(mapping) else network_config(mapping)
+    if not hasattr(config, "resolution"):
+        raise ValueError(f"model-info measures denoisers (unet, dit); {type(config).__name__} has no fixed input size")
     network = build_network(config)
     args, cond = example_inputs(config, batch, text_tokens)
     with torch.no_grad(), flop_counter_mode() as counter:
