@@ -142,3 +142,19 @@ def test_a_diffusers_vae_is_an_encoder(tmp_path):
         torch.testing.assert_close(encoder.decode(z), vae.decode(z / 0.3 + 0.1).sample.clamp(-1, 1))
     with pytest.raises(ValueError, match="do not divide by this VAE's factor 2"):
         encoder.latent_shape((3, 15, 16))
+
+
+@pytest.mark.parametrize("video", ["frames", "causal"])
+def test_video_autoencoders_train_on_clips_and_show_them(video, tmp_path):
+    config = {"model": {"arch": "autoencoder", "channels": 8, "channel_mult": [1, 2], "latent_channels": 2,
+                        "groups": 4, "video": video},
+              "data": {"dataset": "moving-digits"}, "optim": {"grad_clip": None},
+              "loss": {"gan": 0.1, "gan_start": 1, "disc_channels": 8, "disc_layers": 1},
+              "train": {"steps": 2, "batch": 4, "log_every": 1, "threads": 1, "ema_decays": []}, "sample": {"n": 3}}
+    summary = Trainer(resolve(config), tmp_path / "run", progress=False).fit()
+    from PIL import Image
+
+    grid = Image.open(summary["samples"])  # a clip per row, then its reconstruction: 6 rows of 8 frames
+    assert grid.size == (1 + 8 * 25, 1 + 6 * 25)  # 24-pixel frames, one pixel of padding
+    assert float(metrics(tmp_path / "run")[-1]["disc_loss"]) != 0
+    assert load_encoder(tmp_path / "run").latent_shape((1, 8, 24, 24)) == (2, 8, 12, 12)

@@ -62,9 +62,13 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def image_grid(images: torch.Tensor, columns: int | None = None, scale: int | None = None, pad: int = 1):
-    """A PIL image of (N, C, H, W) images in [-1, 1] on a grid; small images are enlarged ``scale`` times."""
+    """A PIL image of (N, C, H, W) images in [-1, 1] on a grid; small images are enlarged ``scale`` times.
+    Clips (N, C, T, H, W) take a row each, their frames left to right."""
     from PIL import Image
 
+    if images.ndim == 5:
+        columns = images.shape[2]
+        images = images.transpose(1, 2).flatten(0, 1)
     n, channels, height, width = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)

@@ -86,14 +86,15 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
 
 @torch.no_grad()
 def reconstruct(run: Run, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` samples of an autoencoder run's data (drawn with ``seed``) and their reconstructions, interleaved
-    row by row: originals, then the same images through the posterior mean."""
+    """``n`` samples of an autoencoder run's data (drawn with ``seed``) and their reconstructions through the
+    posterior mean, interleaved row by row: a row of originals, then the same row reconstructed (clips: a clip,
+    then its reconstruction)."""
     from difflab.data import open_loader
 
     images, _ = next(open_loader(run.config.data.dataset, n, seed=seed))
     device = next(run.model.parameters()).device
     reconstruction = run.model(images.to(device), sample=False)[0].clamp(-1, 1).cpu()
-    columns = min(n, 8)
+    columns = 1 if images.ndim == 5 else min(n, 8)
     rows = [chunk for pair in zip(images.split(columns), reconstruction.split(columns)) for chunk in pair]
     return torch.cat(rows)
 
