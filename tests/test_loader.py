@@ -139,3 +139,17 @@ def test_trainer_streams_bucketed_shards_with_workers_and_saves_the_position(tmp
     assert Trainer(config, tmp_path / "run", progress=False).fit()["step"] == 3
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step-0000003" / "trainer.json").read_text())
     assert meta["data"] == {"epoch": 1, "position": 8}  # 6 batches of 4 over epochs of 16 (4 batches)
+
+
+def test_the_shard_verb_offers_random_crops_and_buckets(tmp_path, capsys):
+    from difflab.cli import main
+
+    source = _source(tmp_path / "src", [(32, 16)] * 4 + [(16, 16)] * 4)
+    assert main(["data", "shard", str(source), "--out", str(tmp_path / "shards"), "--resolution", "16",
+                 "--crop", "random", "--buckets", "--no-progress"]) == 0
+    assert "8 images at 5 buckets of ~16px in 1 shards" in capsys.readouterr().out
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["crop"] == "random" and len(index["buckets"]) == 5
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "shard", str(source), "--out", str(tmp_path / "x"), "--resolution", "16", "--crop", "diagonal"])
+    assert exit_info.value.code == 2 and "invalid choice: 'diagonal'" in capsys.readouterr().err
