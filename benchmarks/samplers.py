@@ -28,7 +28,7 @@ from difflab.diffusion import GaussianMixture  # noqa: E402
 from difflab.evaluation import mmd, rmse  # noqa: E402
 from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
-from difflab.sampling.bespoke import fit_bespoke  # noqa: E402
+from difflab.sampling.bespoke import LINEAR_SOLVERS, fit_bespoke  # noqa: E402
 from peers import PEERS, run_peer  # noqa: E402  (imports neither diffusers nor k-diffusion)
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -83,6 +83,7 @@ def run_case(name: str, args, peers: dict) -> dict:
 
     solvers = [s for s in SOLVERS if re.search(args.solvers, s)]
     for budget in args.nfe:
+        optimized = []  # (solver, sigmas) of the optimised schedules: starting points for the bespoke solver
         for solver in solvers:
             steps = steps_for_nfe(solver, budget)
             if SOLVERS[solver].nfe(steps) > budget:
@@ -97,6 +98,8 @@ def run_case(name: str, args, peers: dict) -> dict:
                     options = dict(denoiser=mixture, solver=solver, shape=(args.search_samples, *shape),
                                    dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}")
                 sigmas = SCHEDULES[schedule](steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **options)
+                if schedule == "optimized":
+                    optimized.append((solver, sigmas))
                 x0 = SOLVERS[solver](mixture, noise * sigmas[0].item(), sigmas,
                                      generator=torch.Generator().manual_seed(0))
                 record("difflab", f"{solver}+{schedule}", x0, SOLVERS[solver].nfe(steps), budget,
@@ -104,7 +107,8 @@ def run_case(name: str, args, peers: dict) -> dict:
         if budget <= OPTIMIZED_MAX_NFE and not args.no_bespoke:
             t0 = time.perf_counter()
             bespoke = fit_bespoke(mixture, budget, SIGMA_MIN, SIGMA_MAX, shape=(args.bespoke_samples, *shape),
-                                 dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}")
+                                  dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}",
+                                  extra_starts=[(s, sigmas) for s, sigmas in optimized if s in LINEAR_SOLVERS])
             x0 = bespoke(mixture, noise * bespoke.sigmas[0])
             record("difflab", "bespoke", x0, bespoke.nfe, budget, time.perf_counter() - t0, False)
         for peer_name, runner in peers.items():

@@ -51,6 +51,17 @@ def test_fit_starts_from_the_best_closed_form_solver_exactly():
         BespokeSolver.from_solver("heun", sigmas)
 
 
+
+def test_fit_can_start_from_a_given_schedule():
+    mixture = GaussianMixture.ring()
+    inner = SCHEDULES["karras"](6, sigma_min=0.002, sigma_max=80.0, rho=3.0)[1:5]  # gaps at both ends, as the
+    given = torch.cat([inner, inner.new_zeros(1)])  # step parametrisation keeps them
+    solver = fit_bespoke(mixture, 4, shape=(32, 2), dtype=torch.float64, steps=0, reference_steps=20, cache=False,
+                         start_solvers=(), extra_starts=[("deis", given)])
+    torch.testing.assert_close(torch.tensor(solver.sigmas, dtype=torch.float64), given.double(), rtol=1e-9, atol=0)
+    assert solver.info["start"] == "deis"
+
+
 @pytest.mark.parametrize(("mixture", "factor"), [
     (GaussianMixture.ring(), 8.0),  # measured 15x (best closed form: deis+loglinear)
     (GaussianMixture.random(16, 8, std=0.1), 2.0),  # measured 2.4x (best closed form: ipndm+vp_trailing)

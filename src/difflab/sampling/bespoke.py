@@ -194,7 +194,7 @@ def fit_bespoke(
     patience: int = 5,
     reference_steps: int = 200,
     start_solvers: Sequence[str] = LINEAR_SOLVERS,
-    start_sigmas: torch.Tensor | None = None,
+    extra_starts: Sequence[tuple[str, torch.Tensor]] = (),
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     cache: str | Path | bool = True,
@@ -205,8 +205,9 @@ def fit_bespoke(
 
     ``shape`` is (batch, *sample_shape): the training noises are its first draw from ``seed`` (the noise
     :func:`~difflab.sampling.optimize.optimized` searches on), the held-out noises its second. The start
-    is the pair of a solver from ``start_solvers`` and a schedule (``start_sigmas``, else every candidate of
-    the optimised schedule's search) with the lowest error on the training batch. Each of up to ``steps``
+    is the pair of a solver from ``start_solvers`` and a schedule (every candidate of the optimised schedule's
+    search), or one of the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules), with the lowest error on
+    the training batch. Each of up to ``steps``
     L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is followed by the held-out
     error; the solver with the lowest held-out error is returned, and fitting stops after ``patience``
     iterations without a new lowest. ``cond`` is batch-aligned with
@@ -217,8 +218,8 @@ def fit_bespoke(
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
     cond = cond or {}
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
-    start_key = ",".join(start_solvers) + "|" + (
-        "auto" if start_sigmas is None else ",".join(f"{v:.6g}" for v in torch.as_tensor(start_sigmas).tolist()))
+    start_key = ",".join(start_solvers) + "".join(
+        f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
     key = (f"{key_id}|bespoke|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}")
     stored = cached(path, key)
@@ -232,11 +233,12 @@ def fit_bespoke(
         target, held_out_target = (reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps,
                                                       **cond) for z in (noise, held_out))
         # Each candidate's steps as logits represent them, so that the start is exactly the closed-form solver.
-        schedules = candidate_schedules(nfe, sigma_min, sigma_max) if start_sigmas is None else [start_sigmas]
-        logits = [torch.as_tensor(_logits_from_sigmas(torch.as_tensor(c, dtype=torch.float64).cpu(), sigma_min,
-                                                      sigma_max)) for c in schedules]
-        starts = [(BespokeSolver.from_solver(name, _sigmas_from_logits(z, sigma_min, sigma_max)), z)
-                  for name in start_solvers for z in logits]
+        pairs = [(name, c) for name in start_solvers for c in candidate_schedules(nfe, sigma_min, sigma_max)]
+        starts = []
+        for name, sigmas in [*pairs, *extra_starts]:
+            z = torch.as_tensor(_logits_from_sigmas(torch.as_tensor(sigmas, dtype=torch.float64).cpu(), sigma_min,
+                                                    sigma_max))
+            starts.append((BespokeSolver.from_solver(name, _sigmas_from_logits(z, sigma_min, sigma_max)), z))
 
         def error(start: BespokeSolver) -> float:
             if min(start.a, default=1.0) <= 0:  # alpha = log(a / decay) needs a > 0
