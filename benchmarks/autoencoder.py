@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     generators = {}
     for name, model, data in (("pixel", pixel_model, {"dataset": str(shards)}),
                               ("latent", latent_model, {"dataset": str(work / "latents")})):
-        config = {"model": model, "data": data, "train": generator_train, "sample": {"steps": 32, "n": 16}}
+        config = {"model": model, "data": data, "train": generator_train, "sample": {"steps": 32, "n": 16},
+                  "diffusion": {"sigma_data": 1.0 if name == "latent" else 0.5}}  # latents are standardised
         summary = train(config, work / name, args.generator_minutes)
         samples, _ = draw(load_run(work / name), args.samples)
         generators[name] = {"steps": summary["step"], "minutes": summary["minutes"],

@@ -162,6 +162,8 @@ def load_encoder(source: str | Path | None, device="cpu") -> Encoder:
     if source is None or str(source) == "pixels":
         return PixelEncoder()
     folder = Path(source)
+    if not folder.exists():
+        raise ValueError(f"encoder {str(source)!r} does not exist: train the autoencoder first (or fix the path)")
     config_json = folder / "config.json"
     if config_json.is_file() and json.loads(config_json.read_text()).get("_class_name") == "AutoencoderKL":
         return DiffusersEncoder(folder).to(device)
