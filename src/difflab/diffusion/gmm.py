@@ -13,13 +13,16 @@ from collections.abc import Sequence
 
 import torch
 
+from difflab.conditioning.embedding import NULL_CLASS
+
 
 class GaussianMixture:
     """Isotropic Gaussian mixture with an exact denoiser ``D(x, sigma, class_labels=None)``.
 
     ``sample_shape`` shapes samples (e.g. ``(1, 8, 8)`` for an image-like mixture); the denoiser accepts
     any batch ``(B, *sample_shape)``. ``labels`` assigns components to classes, so the same object is
-    also an exact class-conditional denoiser.
+    also an exact class-conditional denoiser; the label ``NULL_CLASS`` (-1) keeps every component, the
+    unconditional denoiser classifier-free guidance pairs with it.
     """
 
     def __init__(
@@ -98,12 +101,13 @@ class GaussianMixture:
         return self.weights.to(x.device).log() - 0.5 * (sq / var + self.dim * (2 * math.pi * var).log())
 
     def _log_posterior(self, x: torch.Tensor, var: torch.Tensor, class_labels: torch.Tensor | None):
-        """log p(k | x, class), optionally restricted to the components of each sample's class."""
+        """log p(k | x, class), restricted to the components of each sample's class unless it is NULL_CLASS."""
         logits = self._log_joint(x, var)
-        if class_labels is not None:
+        if class_labels is not None and (class_labels != NULL_CLASS).any():
             if self.labels is None:
                 raise ValueError("this mixture has no component labels; pass labels= to condition on classes")
-            keep = self.labels.to(x.device)[None, :] == class_labels.to(x.device)[:, None]
+            class_labels = class_labels.to(x.device)[:, None]
+            keep = (self.labels.to(x.device)[None, :] == class_labels) | (class_labels == NULL_CLASS)
             if not keep.any(1).all():
                 raise ValueError("a class label matches no mixture component")
             logits = logits.masked_fill(~keep, -math.inf)
