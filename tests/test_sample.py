@@ -61,3 +61,20 @@ def test_sample_rejects_bad_input_with_a_clear_message(kwargs, message):
 def test_sample_shows_a_progress_bar(capsys):
     sample(GaussianMixture.ring(4), torch.randn(4, 2), steps=3, progress=True)
     assert "sampling (dpmpp_2m)" in capsys.readouterr().err
+
+
+def test_sample_takes_guidance_options():
+    from difflab.guidance import autoguided, guided
+
+    means = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    mixture = GaussianMixture(means, torch.full((2,), 0.4, dtype=torch.float64), labels=torch.tensor([0, 1]))
+    weak = GaussianMixture(means, torch.full((2,), 0.8, dtype=torch.float64), labels=torch.tensor([0, 1]))
+    noise = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1] * 4)
+    options = dict(solver="heun", steps=4)
+    torch.testing.assert_close(sample(mixture, noise, guidance=3.0, class_labels=labels, **options),
+                               sample(guided(mixture, 3.0), noise, class_labels=labels, **options))
+    torch.testing.assert_close(sample(mixture, noise, guidance=2.0, guide_with=weak, class_labels=labels, **options),
+                               sample(autoguided(mixture, weak, 2.0), noise, class_labels=labels, **options))
+    with pytest.raises(ValueError, match="need a guidance scale"):
+        sample(mixture, noise, guide_with=weak, class_labels=labels, **options)

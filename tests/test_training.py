@@ -105,6 +105,20 @@ def test_run_directory_layout_and_sampling(tmp_path, capsys):
     assert "no EMA '0.5'" in capsys.readouterr().err
     assert main(["sample", str(run), "--out", str(tmp_path / "x.jpg"), "--no-progress"]) == 2
 
+    # Guidance: classifier-free against the null class, and autoguidance against the raw (less averaged) weights.
+    plain, guided = tmp_path / "plain.npz", tmp_path / "guided.npz"
+    common = ["--n", "6", "--steps", "2", "--no-progress"]
+    assert main(["sample", str(run), *common, "--out", str(plain)]) == 0
+    assert main(["sample", str(run), *common, "--out", str(guided), "--guidance", "4",
+                 "--guidance-interval", "0.1,50", "--guidance-rescale", "0.5"]) == 0
+    assert np.load(guided)["images"].shape == np.load(plain)["images"].shape  # (this tiny model saturates both)
+    assert main(["sample", str(run), *common, "--out", str(guided), "--guidance", "2", "--guide-with", str(run),
+                 "--guide-with-ema", "none"]) == 0
+    assert main(["sample", str(run), *common, "--out", str(guided), "--guidance-rescale", "0.5"]) == 2
+    assert "need --guidance SCALE" in capsys.readouterr().err
+    assert main(["sample", str(run), *common, "--out", str(guided), "--guidance", "2", "--guidance-rescale", "3"]) == 2
+    assert "rescale" in capsys.readouterr().err
+
 
 def test_resume_after_stop_continues_the_same_losses(tmp_path):
     train(tmp_path / "whole")

@@ -117,12 +117,54 @@ def _class_label(text: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"expected a class index, 'balanced' or 'none', got {text!r}") from None
 
 
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH sigmas (e.g. 0.3,5), got {text!r}") from None
+    return low, high
+
+
+def _guidance_options(args: argparse.Namespace) -> dict:
+    """``guidance=`` and ``guide_with=`` for sampling, from the guidance flags (none when they are absent)."""
+    from difflab.guidance import GuidanceConfig
+    from difflab.training.run import load_run
+
+    if args.guidance is None:
+        if args.guide_with or args.guidance_interval or args.guidance_rescale or args.guidance_method != "cfg":
+            raise ValueError("the guidance options need --guidance SCALE")
+        return {}
+    config = GuidanceConfig(scale=args.guidance, interval=args.guidance_interval, rescale=args.guidance_rescale,
+                            method=args.guidance_method, apg_eta=args.apg_eta, apg_threshold=args.apg_threshold)
+    options = {"guidance": config}
+    if args.guide_with:
+        options["guide_with"] = load_run(args.guide_with, ema=args.guide_with_ema).model
+    return options
+
+
+def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("guidance")
+    group.add_argument("--guidance", type=float, help="guidance scale w (1: none); classifier-free unless --guide-with")
+    group.add_argument("--guidance-interval", type=_interval, metavar="LOW,HIGH",
+                       help="guide only for sigmas in [LOW, HIGH] (Kynkäänniemi et al. 2024)")
+    group.add_argument("--guidance-rescale", type=float, default=0.0,
+                       help="CFG rescale phi in [0, 1] (Lin et al. 2024)")
+    group.add_argument("--guidance-method", choices=["cfg", "apg"], default="cfg",
+                       help="cfg, or adaptive projected guidance (Sadat et al. 2024)")
+    group.add_argument("--apg-eta", type=float, default=0.0, help="APG: weight of the parallel component")
+    group.add_argument("--apg-threshold", type=float, help="APG: largest norm of the guidance update")
+    group.add_argument("--guide-with", type=Path, metavar="RUN_DIR",
+                       help="autoguidance: guide with this weaker run of the same task (Karras et al. 2024)")
+    group.add_argument("--guide-with-ema", help="which EMA of the weaker run (default: its first) or 'none'")
+
+
 def _sample(args: argparse.Namespace) -> int:
     from difflab.training.run import load_run, write_samples
 
     try:
         run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
         options = {k: getattr(args, k) for k in ("solver", "steps", "schedule") if getattr(args, k) is not None}
+        options.update(_guidance_options(args))
         path = write_samples(run, args.out, n=args.n, class_label=args.class_label, seed=args.seed,
                              progress=not args.no_progress, **options)
     except (ValueError, FileNotFoundError) as exc:
@@ -331,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--checkpoint", type=_positive_int, help="the step to load (default: latest)")
     sampler.add_argument("--out", type=Path, default=Path("samples.png"), help=".png grid or .npz archive")
     sampler.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_guidance_flags(sampler)
     sampler.set_defaults(run=_sample)
     evaluate = verbs.add_parser("eval", help="sample a run and score it: Fréchet distance, precision/recall, ...")
     evaluate.add_argument("run_dir", type=Path, help="a run directory written by difflab train")

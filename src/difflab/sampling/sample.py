@@ -34,6 +34,9 @@ def sample(
     callback: Callable[[dict], None] | None = None,
     solver_options: dict | None = None,
     schedule_options: dict | None = None,
+    guidance=None,
+    guide_with: Callable[..., torch.Tensor] | None = None,
+    negative: dict | None = None,
     **cond,
 ) -> torch.Tensor:
     """Draw samples: scale ``noise ~ N(0, I)`` to sigma_max and solve down to 0 (DESIGN.md contract).
@@ -43,6 +46,10 @@ def sample(
     ``schedule_options`` to the schedule (``rho=``, ``shift=``...). The ``optimized`` schedule is
     searched for this denoiser, solver and noise shape unless ``schedule_options`` say otherwise.
     Runs without autograd; ``callback(info)`` is called once per step.
+
+    ``guidance`` (a scale or a :class:`~difflab.guidance.GuidanceConfig`) guides the denoiser: classifier-free
+    against the null condition (or the ``negative`` one), or, with ``guide_with``, autoguidance against that
+    weaker denoiser (see :mod:`difflab.guidance`).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -51,6 +58,13 @@ def sample(
     for name, value in cond.items():
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != noise.shape[0]:
             raise ValueError(f"conditioning {name!r} has batch {value.shape[0]}, noise has {noise.shape[0]}")
+    if guidance is not None:
+        from difflab.guidance import autoguided, guided
+
+        denoiser = autoguided(denoiser, guide_with, guidance) if guide_with is not None else \
+            guided(denoiser, guidance, negative=negative)
+    elif guide_with is not None or negative is not None:
+        raise ValueError("guide_with and negative need a guidance scale")
     schedule_options = dict(schedule_options or {})
     if schedule == "optimized":
         schedule_options = {"denoiser": denoiser, "solver": solver, "shape": tuple(noise.shape),
