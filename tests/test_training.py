@@ -301,3 +301,14 @@ def test_eval_verb_writes_metrics_and_a_picture(tmp_path, capsys, monkeypatch):
     (tmp_path / "pickle.pt").write_bytes(b"not torchscript")
     assert main(["eval", str(run), "--n", "10", "--features", str(tmp_path / "pickle.pt"), "--no-progress"]) == 2
     assert "TorchScript" in capsys.readouterr().err
+
+    # The guidance trade-off: metrics against scale, as a table and a plot.
+    assert main(["eval", str(run), "--n", "20", "--no-progress", "--sweep", "guidance=0,2",
+                 "--guidance-interval", "0.2,20"]) == 0
+    sweep = json.loads((run / "eval" / "step-0000002-ema-0.9-sweep-cfg+interval.json").read_text())
+    assert [row["guidance"] for row in sweep["rows"]] == [0.0, 2.0] and sweep["settings"]["interval"] == [0.2, 20.0]
+    assert all("frechet_distance" in row and row["method"] == "cfg+interval" for row in sweep["rows"])
+    assert (run / "eval" / "step-0000002-ema-0.9-sweep-cfg+interval.png").exists()
+    with pytest.raises(SystemExit):
+        main(["eval", str(run), "--sweep", "steps=1,2"])
+    assert "expected guidance=SCALE" in capsys.readouterr().err

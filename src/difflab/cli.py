@@ -186,7 +186,10 @@ def _eval(args: argparse.Namespace) -> int:
         run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
         # The user's own feature network (e.g. an Inception) as TorchScript, or difflab's digit classifier.
         extractor = load_feature_extractor(args.features) if args.features else None
-        metrics, images = evaluate(run, args.n, seed=args.seed, extractor=extractor, progress=not args.no_progress)
+        if args.sweep:
+            return _eval_sweep(args, run, extractor)
+        metrics, images = evaluate(run, args.n, seed=args.seed, extractor=extractor, progress=not args.no_progress,
+                                   **_guidance_options(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"difflab eval: error: {exc}", file=sys.stderr)
         return 2
@@ -201,6 +204,44 @@ def _eval(args: argparse.Namespace) -> int:
     for key, value in metrics.items():
         print(f"{key:32s}{value:.4g}" if isinstance(value, float) else f"{key:32s}{value}")
     print(f"difflab eval: wrote {out} and {picture} (samples above their nearest training images)")
+    return 0
+
+
+def _sweep(text: str) -> list[float]:
+    name, _, values = text.partition("=")
+    try:
+        scales = [float(v) for v in values.split(",")]
+    except ValueError:
+        scales = []
+    if name != "guidance" or not scales:
+        raise argparse.ArgumentTypeError(f"expected guidance=SCALE,SCALE,... (e.g. guidance=0,1,2,3,5), got {text!r}")
+    return scales
+
+
+def _eval_sweep(args: argparse.Namespace, run, extractor) -> int:
+    """Metrics against guidance scale (the other guidance flags hold for every scale): a JSON table and a plot."""
+    import json
+
+    from difflab.evaluation.plots import plot_sweep
+    from difflab.training.run import evaluate
+
+    method = "autoguidance" if args.guide_with else "cfg" if not args.guidance_interval else "cfg+interval"
+    rows = []
+    for scale in args.sweep:
+        args.guidance = scale
+        metrics, _ = evaluate(run, args.n, seed=args.seed, extractor=extractor, progress=not args.no_progress,
+                              **_guidance_options(args))
+        rows.append({"method": method, "guidance": scale, **metrics})
+        print(f"guidance {scale:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                   if isinstance(v, float)), flush=True)
+    out = args.out or args.run_dir / "eval" / f"{run.checkpoint.name}-{run.weights}-sweep-{method}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"interval": args.guidance_interval, "rescale": args.guidance_rescale, "n": args.n,
+                "guide_with": str(args.guide_with) if args.guide_with else None, "checkpoint": str(run.checkpoint)}
+    out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    metrics = [m for m in ("frechet_distance", "precision", "recall", "class_accuracy") if m in rows[0]]
+    picture = plot_sweep(rows, "guidance", metrics, out.with_suffix(".png"), title=f"{args.run_dir.name}: {method}")
+    print(f"difflab eval: wrote {out} and {picture}")
     return 0
 
 
@@ -385,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--features", type=Path,
                           help="a TorchScript feature network (images in [-1, 1] -> features) instead of the "
                                "digit classifier difflab trains and caches")
+    evaluate.add_argument("--sweep", type=_sweep, metavar="guidance=S1,S2,...",
+                          help="score every guidance scale (with the other guidance flags): a JSON table and a plot")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_guidance_flags(evaluate)
     evaluate.set_defaults(run=_eval)
     ema = verbs.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length from a run's snapshots (EDM2)")
     ema.add_argument("run_dir", type=Path, help="a run trained with train.ema_sigma_rels and ema_snapshot_every")

@@ -1,4 +1,4 @@
-"""Figures: error against NFE, and scatter panels of 2-D samples."""
+"""Figures: error against NFE, metrics against a swept setting, scatter panels of 2-D samples, image grids."""
 
 from __future__ import annotations
 
@@ -32,6 +32,24 @@ def plot_error_vs_nfe(
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_sweep(
+    rows: Sequence[Mapping], x: str, metrics: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """One panel per metric against the swept setting ``x``; a line per ``method`` (rows without one: one line)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
+    methods = list(dict.fromkeys(row.get("method", "") for row in rows))
+    for ax, metric in zip(axes.flat, metrics):
+        for method in methods:
+            points = sorted((row[x], row[metric]) for row in rows if row.get("method", "") == method)
+            ax.plot(*zip(*points), marker="o", markersize=3, label=method or None)
+        ax.set(xlabel=x, title=metric.replace("_", " "))
+        ax.grid(True, alpha=0.3)
+    if any(methods):
+        axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -99,8 +99,10 @@ def reconstruct(run: Run, n: int, seed: int = 0) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = False) -> tuple[dict, torch.Tensor]:
-    """Score ``n`` class-balanced samples of a run against its data set (metrics and the noise floor)."""
+def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = False,
+             **options) -> tuple[dict, torch.Tensor]:
+    """Score ``n`` class-balanced samples of a run against its data set (metrics and the noise floor);
+    ``options`` go to :func:`draw` (e.g. ``guidance=``)."""
     from difflab.data import load_dataset, open_loader
     from difflab.evaluation.features import FeatureExtractor, feature_network
     from difflab.evaluation.report import noise_floor, sample_metrics
@@ -109,7 +111,7 @@ def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = F
         raise ValueError(f"{run.config.data.dataset} holds latents; evaluate against the images they came from")
     dataset = load_dataset(run.config.data.dataset)
     extractor = extractor or FeatureExtractor.from_network(feature_network(dataset.images, dataset.labels))
-    images, labels = draw(run, n, seed=seed, progress=progress)
+    images, labels = draw(run, n, seed=seed, progress=progress, **options)
     metrics = sample_metrics(images, labels, dataset, extractor)
     metrics["noise_floor_frechet_distance"] = noise_floor(dataset, extractor)
     return metrics, images
