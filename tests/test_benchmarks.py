@@ -139,3 +139,19 @@ def test_autoencoder_benchmark_smoke(autoencoder_module, tmp_path, capsys):
     assert set(result["generators"]) == {"pixel", "latent"} and result["latent_over_pixel_images_per_second"] > 0
     with pytest.raises(SystemExit):  # a used work folder is never overwritten
         autoencoder_module.main(["--quick", "--work", str(tmp_path / "work")])
+
+
+@pytest.fixture
+def guidance_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "guidance")
+
+
+def test_guidance_benchmark_smoke(guidance_module, tmp_path, capsys):
+    out = tmp_path / "guidance.json"
+    assert guidance_module.main(["--quick", "--work", str(tmp_path / "runs"), "--plot", str(tmp_path / "g.png"),
+                                 "--json", str(out)]) == 0
+    assert "ordering by best FD" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert {(row["method"], row["guidance"]) for row in result["rows"]} == {
+        (m, w) for m in ("cfg", "cfg+interval", "autoguidance") for w in (0.0, 2.0)}
+    assert set(result["best"]) == {"cfg", "cfg+interval", "autoguidance"} and (tmp_path / "g.png").exists()
