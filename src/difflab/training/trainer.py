@@ -1,8 +1,9 @@
 """The one trainer: config in, run directory out (DESIGN.md), for every network and parameterisation.
 
-Each optimizer step draws a global batch, splits it over processes and accumulation rounds, and trains
-``Precond(network)`` with the math core's noise levels and loss weights (EDM, Eq. 2). Everything random
-(data order, noise levels, noise, label dropout) is drawn for the *global* batch from one seeded
+Each optimizer step draws a global batch, splits it over processes and accumulation rounds, and minimises
+an objective (``objectives.py``): the denoising loss of ``Precond(network)`` with the math core's noise levels
+and loss weights (EDM, Eq. 2), on pixels or latents, or an autoencoder's reconstruction, KL and GAN losses.
+Everything random (data order, noise levels, noise, label dropout) is drawn for the *global* batch from one seeded
 generator and sliced per process, so a run on N processes sees the same samples and noise as on one,
 and a resumed run continues bit for bit: the generator state, the data position, the optimizer and the
 EMAs are all in the checkpoint.
