@@ -76,7 +76,9 @@ def main(argv=None) -> int:
         print(f"  {method:13s} {row['frechet_distance']:.3f} at w = {row['guidance']:g} "
               f"(precision {row['precision']:.3f}, recall {row['recall']:.3f})")
     order = sorted(best, key=lambda m: best[m]["frechet_distance"])
-    print(f"ordering by best FD: {' <= '.join(order)} (papers: autoguidance <= cfg+interval <= cfg)")
+    signs = ["=" if best[a]["frechet_distance"] == best[b]["frechet_distance"] else "<" for a, b in zip(order, order[1:])]
+    ordering = order[0] + "".join(f" {sign} {m}" for sign, m in zip(signs, order[1:]))
+    print(f"ordering by best FD: {ordering} (papers: autoguidance <= cfg+interval <= cfg)")
     picture = plot_sweep(rows, "guidance", [m for m in METRICS if m in rows[0]], args.plot,
                          title=f"digits, {args.steps} steps; autoguidance from step {args.weak_steps}")
     print(f"figure: {picture}")
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "steps": args.steps,
                                          "weak_steps": args.weak_steps, "interval": [low, high], "n": args.n,
                                          "noise_floor_frechet_distance": floor, "rows": rows, "best": best,
-                                         "ordering": order}, indent=1))
+                                         "ordering": ordering}, indent=1))
         print(f"wrote {args.json}")
     return 0
 
