@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         print(f"  {method:13s} {row['frechet_distance']:.3f} at w = {row['guidance']:g} "
               f"(precision {row['precision']:.3f}, recall {row['recall']:.3f})")
     order = sorted(best, key=lambda m: best[m]["frechet_distance"])
-    signs = ["=" if best[a]["frechet_distance"] == best[b]["frechet_distance"] else "<" for a, b in zip(order, order[1:])]
+    fd = {m: best[m]["frechet_distance"] for m in order}
+    signs = ["=" if fd[a] == fd[b] else "<" for a, b in zip(order, order[1:])]
     ordering = order[0] + "".join(f" {sign} {m}" for sign, m in zip(signs, order[1:]))
     print(f"ordering by best FD: {ordering} (papers: autoguidance <= cfg+interval <= cfg)")
     picture = plot_sweep(rows, "guidance", [m for m in METRICS if m in rows[0]], args.plot,
