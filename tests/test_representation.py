@@ -93,6 +93,11 @@ def test_cached_latents_round_trip_and_train_a_latent_generator(autoencoder_run,
 
         images, _ = draw(run, 4)
         assert images.shape == (4, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+        if name == "cached":
+            from difflab.training.run import evaluate
+
+            with pytest.raises(ValueError, match="holds latents; evaluate against the images"):
+                evaluate(run, 4)
 
 
 def test_stage_two_mistakes_get_one_line_errors(autoencoder_run, tmp_path, capsys):

@@ -286,13 +286,19 @@ def _curation_input(args: argparse.Namespace):
     return root, records, config
 
 
-def _data_curate(args: argparse.Namespace) -> int:
+def _curated(args: argparse.Namespace):
+    """(root, curated items) of a ``data curate`` or ``data stats`` source."""
     from difflab.data.curate import curate
+
+    root, records, config = _curation_input(args)
+    return root, curate(root, records, config, progress=not args.no_progress)
+
+
+def _data_curate(args: argparse.Namespace) -> int:
     from difflab.data.curation_report import write_curation
 
     try:
-        root, records, config = _curation_input(args)
-        items = curate(root, records, config, progress=not args.no_progress)
+        root, items = _curated(args)
     except (ValueError, ImportError) as exc:
         print(f"difflab data curate: error: {exc}", file=sys.stderr)
         return 2
@@ -306,11 +312,10 @@ def _data_curate(args: argparse.Namespace) -> int:
 def _data_stats(args: argparse.Namespace) -> int:
     import json
 
-    from difflab.data.curate import curate, report, statistics
+    from difflab.data.curate import report, statistics
 
     try:
-        root, records, config = _curation_input(args)
-        items = curate(root, records, config, progress=not args.no_progress)
+        _, items = _curated(args)
     except (ValueError, ImportError) as exc:
         print(f"difflab data stats: error: {exc}", file=sys.stderr)
         return 2

@@ -103,13 +103,13 @@ def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = F
              **options) -> tuple[dict, torch.Tensor]:
     """Score ``n`` class-balanced samples of a run against its data set (metrics and the noise floor);
     ``options`` go to :func:`draw` (e.g. ``guidance=``)."""
-    from difflab.data import load_dataset, open_loader
+    from difflab.data import load_dataset
     from difflab.evaluation.features import FeatureExtractor, feature_network
     from difflab.evaluation.report import noise_floor, sample_metrics
 
-    if open_loader(run.config.data.dataset, 1).encoder:
-        raise ValueError(f"{run.config.data.dataset} holds latents; evaluate against the images they came from")
     dataset = load_dataset(run.config.data.dataset)
+    if run.encoder is not None and tuple(dataset.images.shape[1:]) == run.sample_shape:  # cached latents
+        raise ValueError(f"{run.config.data.dataset} holds latents; evaluate against the images they came from")
     extractor = extractor or FeatureExtractor.from_network(feature_network(dataset.images, dataset.labels))
     images, labels = draw(run, n, seed=seed, progress=progress, **options)
     metrics = sample_metrics(images, labels, dataset, extractor)
