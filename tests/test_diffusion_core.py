@@ -130,9 +130,19 @@ HAND: dict[str, Hand] = {
         net_input=lambda x0, n, s, sd: (1 - s / (1 + s)) * x0 + s / (1 + s) * n,
         c_noise=lambda s, t: s / (1 + s),
     ),
+    "consistency": Hand(  # Song et al. 2023, Eq. 7 and Appendix C, with epsilon = 0.002
+        c_skip=lambda s, sd: sd**2 / ((s - 0.002) ** 2 + sd**2),
+        c_out=lambda s, sd: (s - 0.002) * sd / torch.sqrt(s**2 + sd**2),
+        c_in=lambda s, sd: 1 / torch.sqrt(s**2 + sd**2),
+        target=lambda x0, n, s, sd: (
+            (x0 - sd**2 / ((s - 0.002) ** 2 + sd**2) * (x0 + s * n)) * torch.sqrt(s**2 + sd**2) / ((s - 0.002) * sd)
+        ),
+        net_input=lambda x0, n, s, sd: (x0 + s * n) / torch.sqrt(s**2 + sd**2),
+        c_noise=lambda s, t: torch.log(s) / 4,
+    ),
 }
 
-SIGMAS = torch.tensor([0.002, 0.02, 0.3, 1.0, 4.0, 80.0], dtype=F64)
+SIGMAS = torch.tensor([0.003, 0.02, 0.3, 1.0, 4.0, 80.0], dtype=F64)
 
 
 def _x0_noise(shape=(6, 2, 3, 3), seed=0):
@@ -491,7 +501,7 @@ def test_unknown_parameterization_lists_choices():
 # 4. Loss weights and the denoising loss
 # ----------------------------------------------------------------------------------------------------
 
-GENERIC_WEIGHTS = {"min_snr"}  # weights that belong to no single parameterisation
+GENERIC_WEIGHTS = {"min_snr", "truncated_snr"}  # weights that belong to no single parameterisation
 
 
 def test_every_loss_weight_is_covered():
@@ -547,6 +557,12 @@ def test_min_snr_weight(gamma):
     """min_snr = min(1/sigma^2, gamma) (Hang et al. 2023)."""
     expected = torch.minimum(1 / SIGMA_GRID**2, torch.full_like(SIGMA_GRID, gamma))
     torch.testing.assert_close(loss_weight("min_snr", SIGMA_GRID, gamma=gamma), expected, rtol=1e-14, atol=0)
+
+
+def test_truncated_snr_weight():
+    """truncated_snr = max(SNR, 1) with SNR = 1/sigma^2 (Salimans & Ho 2022, Sec. 4): 1 above sigma = 1."""
+    expected = torch.maximum(1 / SIGMA_GRID**2, torch.ones_like(SIGMA_GRID))
+    torch.testing.assert_close(loss_weight("truncated_snr", SIGMA_GRID), expected, rtol=1e-14, atol=0)
 
 
 def test_denoising_loss_zero_for_exact_denoiser():

@@ -67,9 +67,10 @@ def test_reference_solution_is_converged(ode_problem):
     assert rms(coarser, reference) < 1e-7
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"consistency"}))
 def test_samples_match_mixture_moments(name):
-    """Every solver, stochastic ones included, turns noise into samples with the mixture's moments."""
+    """Every solver, stochastic ones included, turns noise into samples with the mixture's moments (but
+    ``consistency``, which samples a consistency model: with a denoiser each jump lands on a posterior mean)."""
     mixture = smooth_mixture()
     mean, cov = mixture.moments()
     noise = torch.randn(20000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

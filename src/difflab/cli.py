@@ -108,6 +108,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    import yaml
+
+    from difflab.distillation import distill
+    from difflab.training import TrainingError
+
+    try:
+        students = distill(args.teacher, args.method, args.out, steps=args.steps, from_steps=args.from_steps,
+                           train_steps=args.train_steps, overrides=args.set, resume=args.resume,
+                           progress=not args.no_progress)
+    except (ValueError, FileExistsError, FileNotFoundError, yaml.YAMLError) as exc:
+        print(f"difflab distill: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"difflab distill: stopped: {exc}", file=sys.stderr)
+        return 1
+    print("difflab distill: students (sample them with difflab sample DIR): " + ", ".join(map(str, students)))
+    return 0
+
+
 def _class_label(text: str) -> int | str | None:
     if text in ("balanced", "none"):
         return None if text == "none" else text
@@ -406,6 +426,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+    student = verbs.add_parser("distill", help="distil a trained run into a few-step student (its own run directory)")
+    student.add_argument("teacher", type=Path, help="the teacher's run directory")
+    student.add_argument("--method", required=True,
+                         choices=["progressive", "consistency", "consistency_training", "guidance"],
+                         help="progressive halving, consistency distillation/training, or guidance distillation")
+    student.add_argument("--out", type=Path, required=True,
+                         help="the student's run directory (progressive: a folder of steps-N stages)")
+    student.add_argument("--steps", type=_positive_int, default=1,
+                         help="sampling steps of the (last) student (default: 1)")
+    student.add_argument("--from-steps", type=_positive_int, default=32,
+                         help="progressive: the teacher's steps the first stage halves (default: 32)")
+    student.add_argument("--train-steps", type=_positive_int, default=1000,
+                         help="optimizer steps per student (per stage for progressive; default: 1000)")
+    student.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a key of the student's config, e.g. --set optim.lr=1e-4 (repeatable)")
+    student.add_argument("--resume", action="store_true", help="keep finished students, continue unfinished ones")
+    student.add_argument("--no-progress", action="store_true", help="no progress bar")
+    student.set_defaults(run=_distill)
     sampler = verbs.add_parser("sample", help="draw samples from a run directory (EMA weights by default)")
     sampler.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
     sampler.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")

@@ -10,7 +10,9 @@ A network is told the noise level, and optionally a class label and a text promp
   ``text_mask`` (B, T). The tokens, projected to the network's width, are the cross-attention context;
   their masked mean, through an MLP, adds to the conditioning vector (the pooled vector of SDXL/SD3).
   A sample whose mask is all False is the **null prompt**: it attends to a learned null token and adds a
-  learned null pooled vector instead.
+  learned null pooled vector instead;
+- a guidance scale ``guidance_scale`` (guidance-distilled students, Meng et al. 2023) adds sinusoidal features
+  of ``w`` through an MLP whose last layer starts at zero, so a student starts as its teacher.
 
 The null condition of any batch is therefore model-independent: :func:`null_condition`.
 """
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 NULL_CLASS = -1
+GUIDANCE_INPUT_SCALE = 100.0  # w of 0..10 onto the timestep-like range (0..1000) the positional features suit
 
 
 def null_condition(cond: dict) -> dict:
@@ -96,11 +99,17 @@ class ConditionEmbedding(nn.Module):
         num_classes: int = 0,
         text_dim: int = 0,
         context_dim: int | None = None,
+        guidance_embed: bool = False,
     ):
         super().__init__()
         self.noise = NoiseEmbedding(dim, kind=noise_embedding)
         self.num_classes = num_classes
         self.text_dim = text_dim
+        self.guidance = None
+        if guidance_embed:
+            self.guidance = NoiseEmbedding(dim)
+            for p in self.guidance.mlp[-1].parameters():  # zero: the student starts as its teacher
+                nn.init.zeros_(p)
         if num_classes:
             # Row num_classes is the learned null class (label -1).
             self.classes = nn.Embedding(num_classes + 1, dim)
@@ -117,9 +126,16 @@ class ConditionEmbedding(nn.Module):
         class_labels: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Return (embedding (B, dim), context (B, T', context_dim) or None, context mask (B, T') or None)."""
         emb = self.noise(c_noise)
+        if (guidance_scale is None) != (self.guidance is None):
+            raise TypeError("this network takes guidance_scale= (a guidance-distilled student)" if self.guidance
+                            else "this network has no guidance input (guidance_embed=false) but got guidance_scale")
+        if self.guidance is not None:
+            scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=emb.device).expand(emb.shape[0])
+            emb = emb + self.guidance(GUIDANCE_INPUT_SCALE * scale).to(emb.dtype)
         if class_labels is not None:
             if not self.num_classes:
                 raise TypeError("this network is not class-conditional (num_classes=0) but got class_labels")

@@ -12,6 +12,7 @@ name               lambda(sigma)                          equals
 ``x0``             1                                      ``||x0_hat - x0||^2``
 ``flow``           ((1 + s) / s)^2 = 1 / t^2              ``||u_hat - (n - x0)||^2`` (rectified flow)
 ``min_snr``        min(SNR, gamma)                        Min-SNR-gamma (Hang et al. 2023), any target
+``truncated_snr``  max(SNR, 1)                            progressive distillation (Salimans & Ho 2022, Sec. 4)
 =================  =====================================  =============================================
 """
 
@@ -48,6 +49,10 @@ def _min_snr(sigma: torch.Tensor, sigma_data: float, gamma: float) -> torch.Tens
     return (sigma**-2).clamp(max=gamma)
 
 
+def _truncated_snr(sigma: torch.Tensor, sigma_data: float, gamma: float) -> torch.Tensor:
+    return (sigma**-2).clamp(min=1)
+
+
 LOSS_WEIGHTS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
     "edm": _edm,
     "eps": _eps,
@@ -55,6 +60,7 @@ LOSS_WEIGHTS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = 
     "x0": _x0,
     "flow": _flow,
     "min_snr": _min_snr,
+    "truncated_snr": _truncated_snr,
 }
 
 
@@ -79,6 +85,10 @@ def denoising_loss(
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-    denoised = denoiser(x0 + s * noise, sigma, **cond)
-    dtype = torch.promote_types(x0.dtype, torch.float32)  # bfloat16 networks: the loss in float32
-    return weight * (denoised.to(dtype) - x0.to(dtype)).square().flatten(1).mean(1)
+    return weighted_mse(denoiser(x0 + s * noise, sigma, **cond), x0, weight)
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``weight * mean (prediction - target)^2``, in float32 whatever the network's dtype."""
+    dtype = torch.promote_types(target.dtype, torch.float32)
+    return weight * (prediction.to(dtype) - target.to(dtype)).square().flatten(1).mean(1)

@@ -15,6 +15,11 @@ name          network predicts  c_skip               c_out               c_in
 
 (s = sigma, sd = sigma_data, s' = s / sqrt(1 + s^2)). ``eps``/``v``/``x0`` networks see the VP sample
 ``x_vp = x / sqrt(1 + sigma^2)``; ``flow`` networks see ``x_t = x / (1 + sigma)`` (DESIGN.md).
+
+``consistency`` is the boundary-condition parameterisation of consistency models (Song et al. 2023, Eq. 7 and
+Appendix C): with e = CONSISTENCY_SIGMA_MIN, c_skip = sd^2 / ((s - e)^2 + sd^2), c_out = (s - e) sd /
+sqrt(s^2 + sd^2), c_in as ``edm``. D(x; e) = x exactly, and for s >> e it is ``edm``, so a consistency student
+starts from an EDM teacher's weights.
 """
 
 from __future__ import annotations
@@ -58,12 +63,22 @@ def _flow(sigma: torch.Tensor, sigma_data: float) -> Coefficients:
     return Coefficients(1 / (1 + sigma), -sigma / (1 + sigma), 1 / (1 + sigma))
 
 
+CONSISTENCY_SIGMA_MIN = 0.002  # epsilon of consistency models: the smallest noise level, where D is the identity
+
+
+def _consistency(sigma: torch.Tensor, sigma_data: float) -> Coefficients:
+    shifted = sigma - CONSISTENCY_SIGMA_MIN
+    return Coefficients(sigma_data**2 / (shifted**2 + sigma_data**2), shifted * sigma_data
+                        / (sigma**2 + sigma_data**2).sqrt(), (sigma**2 + sigma_data**2).rsqrt())
+
+
 PARAMETERIZATIONS: dict[str, Callable[[torch.Tensor, float], Coefficients]] = {
     "edm": _edm,
     "eps": _eps,
     "v": _v,
     "x0": _x0,
     "flow": _flow,
+    "consistency": _consistency,
 }
 
 
@@ -91,7 +106,7 @@ def network_target(
 
 def default_noise_input(parameterization: str, vp_schedule: VPSchedule | None = None) -> Callable:
     """How the network is told the noise level (c_noise): EDM's ln(sigma)/4, the VP timestep, or flow time."""
-    if parameterization == "edm":
+    if parameterization in ("edm", "consistency"):
         return lambda sigma: sigma.log() / 4
     if parameterization == "flow":
         return flow_time_from_sigma

@@ -41,6 +41,7 @@ class DiTConfig:
     noise_embedding: str = "positional"
     num_classes: int = 0
     text_dim: int = 0
+    guidance_embed: bool = False  # a guidance scale input: guidance-distilled students (Meng et al. 2023)
     frames: int | None = None  # clip length for model-info; any multiple of frame_patch runs
     checkpointing: bool = False
 
@@ -99,7 +100,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """``network(x, c_noise, class_labels=, text=, text_mask=, concat=) -> output`` of ``x``'s shape."""
+    """``network(x, c_noise, class_labels=, text=, text_mask=, concat=, guidance_scale=)``: output of x's shape."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -109,6 +110,7 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, c.hidden)
         self.embed = ConditionEmbedding(
             c.hidden, noise_embedding=c.noise_embedding, num_classes=c.num_classes, text_dim=c.text_dim,
+            guidance_embed=c.guidance_embed,
         )
         self.blocks = nn.ModuleList(DiTBlock(c.hidden, c.heads, c.mlp_ratio, bool(c.text_dim)) for _ in range(c.depth))
         self.norm_out = nn.LayerNorm(c.hidden, elementwise_affine=False, eps=1e-6)
@@ -128,6 +130,7 @@ class DiT(nn.Module):
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         c = self.config
         x = _network_input(x, concat, c.concat_channels)
@@ -141,7 +144,7 @@ class DiT(nn.Module):
         grid = (length // pt, height // p, width // p)
         tokens = self.patch_embed(_patchify(clip, pt, p).to(self.patch_embed.weight.dtype))  # (B, N, D)
 
-        emb, context, context_mask = self.embed(c_noise, class_labels, text, text_mask)
+        emb, context, context_mask = self.embed(c_noise, class_labels, text, text_mask, guidance_scale)
         head_dim = c.hidden // c.heads
         factorised = video and c.video_attention == "factorised" and grid[0] > 1
         pixels = grid[1] * grid[2]

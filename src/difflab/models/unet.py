@@ -41,6 +41,7 @@ class UNetConfig:
     noise_embedding: str = "positional"
     num_classes: int = 0
     text_dim: int = 0
+    guidance_embed: bool = False  # a guidance scale input: guidance-distilled students (Meng et al. 2023)
     temporal: str | None = None  # video form: "attention" or "conv" after each spatial block
     frames: int | None = None  # clip length for model-info; any length runs
     checkpointing: bool = False
@@ -159,7 +160,7 @@ class Unit(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """``network(x, c_noise, class_labels=, text=, text_mask=, concat=) -> output`` of ``x``'s shape."""
+    """``network(x, c_noise, class_labels=, text=, text_mask=, concat=, guidance_scale=)``: output of x's shape."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -167,6 +168,7 @@ class UNet(nn.Module):
         emb_dim = 4 * c.channels
         self.embed = ConditionEmbedding(
             emb_dim, noise_embedding=c.noise_embedding, num_classes=c.num_classes, text_dim=c.text_dim,
+            guidance_embed=c.guidance_embed,
         )
         context_dim = emb_dim if c.text_dim else None
         widths = [c.channels * m for m in c.channel_mult]
@@ -215,6 +217,7 @@ class UNet(nn.Module):
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         c = self.config
         x = _network_input(x, concat, c.concat_channels)
@@ -226,7 +229,7 @@ class UNet(nn.Module):
             x = x.transpose(1, 2).flatten(0, 1)
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        emb, context, mask = self.embed(c_noise, class_labels, text, text_mask)
+        emb, context, mask = self.embed(c_noise, class_labels, text, text_mask, guidance_scale)
         if video:
             emb, context, mask = (None if t is None else t.repeat_interleave(frames, 0) for t in (emb, context, mask))
         ctx = Context(emb.to(x.dtype), context, mask, frames)

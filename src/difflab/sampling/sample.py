@@ -37,6 +37,7 @@ def sample(
     guidance=None,
     guide_with: Callable[..., torch.Tensor] | None = None,
     negative: dict | None = None,
+    sigmas: torch.Tensor | list[float] | None = None,
     **cond,
 ) -> torch.Tensor:
     """Draw samples: scale ``noise ~ N(0, I)`` to sigma_max and solve down to 0 (DESIGN.md contract).
@@ -44,7 +45,8 @@ def sample(
     ``cond`` (``class_labels=``, ``text=``, ...) reaches the denoiser unchanged, batch-aligned with
     ``noise``. ``solver_options`` go to the solver (``eta=``, ``s_churn=``, ``order=``...),
     ``schedule_options`` to the schedule (``rho=``, ``shift=``...). The ``optimized`` schedule is
-    searched for this denoiser, solver and noise shape unless ``schedule_options`` say otherwise.
+    searched for this denoiser, solver and noise shape unless ``schedule_options`` say otherwise. Explicit
+    ``sigmas`` (decreasing, ending in 0; a distilled student's own grid) replace the schedule and ``steps``.
     Runs without autograd; ``callback(info)`` is called once per step.
 
     ``guidance`` (a scale or a :class:`~difflab.guidance.GuidanceConfig`) guides the denoiser: classifier-free
@@ -65,11 +67,14 @@ def sample(
             guided(denoiser, guidance, negative=negative)
     elif guide_with is not None or negative is not None:
         raise ValueError("guide_with and negative need a guidance scale")
-    schedule_options = dict(schedule_options or {})
-    if schedule == "optimized":
-        schedule_options = {"denoiser": denoiser, "solver": solver, "shape": tuple(noise.shape),
-                            "dtype": noise.dtype, "device": noise.device, **schedule_options}
-    sigmas = SCHEDULES[schedule](steps, sigma_min=sigma_min, sigma_max=sigma_max, **schedule_options)
+    if sigmas is not None:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    else:
+        schedule_options = dict(schedule_options or {})
+        if schedule == "optimized":
+            schedule_options = {"denoiser": denoiser, "solver": solver, "shape": tuple(noise.shape),
+                                "dtype": noise.dtype, "device": noise.device, **schedule_options}
+        sigmas = SCHEDULES[schedule](steps, sigma_min=sigma_min, sigma_max=sigma_max, **schedule_options)
 
     bar = tqdm(total=len(sigmas) - 1, desc=f"sampling ({solver})", disable=not progress, leave=False)
 

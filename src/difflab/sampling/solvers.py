@@ -80,8 +80,41 @@ def euler(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callbac
     for i in range(len(s) - 1):
         denoised = _denoise(denoiser, x, s[i], cond)
         _report(callback, i, x, s, denoised)
-        x = denoised + (s[i + 1] / s[i]) * (x - denoised)  # = x + (sigma_next - sigma) d
+        x = euler_update(x, denoised, s[i], s[i + 1])
     return x
+
+
+def euler_update(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """x at ``sigma_next`` from x at ``sigma`` and its estimate: x + (sigma_next - sigma) d. The sigmas are floats
+    or per-sample (B,) tensors (distillation steps every sample from its own noise level)."""
+    ratio = sigma_next / sigma if isinstance(sigma, float) else _rows(sigma_next / sigma, x)
+    return denoised + ratio * (x - denoised)
+
+
+def heun_update(denoiser: Denoiser, x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next, cond: dict):
+    """x at ``sigma_next`` by Heun's method from x at ``sigma`` and its estimate ``denoised`` (one more call; an
+    Euler step into sigma = 0). The sigmas are floats, or per-sample (B,) tensors: the teacher step of
+    distillation, where every sample has its own noise level."""
+    per_sample = isinstance(sigma, torch.Tensor)
+    d = (x - denoised) / (_rows(sigma, x) if per_sample else sigma)
+    step = _rows(sigma_next - sigma, x) if per_sample else sigma_next - sigma
+    x_next = x + step * d
+    if not per_sample:
+        if sigma_next == 0:
+            return x_next
+        d_next = (x_next - _denoise(denoiser, x_next, sigma_next, cond)) / sigma_next
+        return x + step * (d + d_next) / 2
+    last = sigma_next == 0
+    if bool(last.all()):
+        return x_next
+    safe = torch.where(last, sigma, sigma_next)  # never call the denoiser at sigma = 0
+    d_next = (x_next - denoiser(x_next, safe, **cond)) / _rows(safe, x)
+    return torch.where(last.view(-1, *[1] * (x.ndim - 1)), x_next, x + step * (d + d_next) / 2)
+
+
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ...) broadcastable against ``like``."""
+    return values.to(like.dtype).view(-1, *[1] * (like.ndim - 1))
 
 
 @_nfe(lambda n: 2 * n - 1)
@@ -105,13 +138,7 @@ def heun(
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise_like(x, generator)
         denoised = _denoise(denoiser, x, sigma_hat, cond)
         _report(callback, i, x, s, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        d = (x - denoised) / sigma_hat
-        x_next = x + (sigma_next - sigma_hat) * d
-        d_next = (x_next - _denoise(denoiser, x_next, sigma_next, cond)) / sigma_next
-        x = x + (sigma_next - sigma_hat) * (d + d_next) / 2
+        x = denoised if sigma_next == 0 else heun_update(denoiser, x, denoised, sigma_hat, sigma_next, cond)
     return x
 
 
@@ -466,6 +493,20 @@ def ddpm(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback
     return x
 
 
+@_nfe(lambda n: n)
+def consistency(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback=None, **cond):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): jump to the estimate of x0, then noise it afresh
+    to the next sigma. With a consistency model one step is a sample; any denoiser runs (then it is a coarse
+    sampler: each step forgets the last one's noise)."""
+    s = _sigmas(sigmas)
+    for i in range(len(s) - 1):
+        x = _denoise(denoiser, x, s[i], cond)
+        _report(callback, i, x, s, x)
+        if s[i + 1] > 0:
+            x = x + s[i + 1] * noise_like(x, generator)
+    return x
+
+
 SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": euler,
     "heun": heun,
@@ -482,8 +523,9 @@ SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_3m_sde": dpmpp_3m_sde,
     "heun_sde": heun_sde,
+    "consistency": consistency,
 }
-STOCHASTIC = frozenset({"euler_ancestral", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "heun_sde"})
+STOCHASTIC = frozenset({"euler_ancestral", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "heun_sde", "consistency"})
 
 
 def steps_for_nfe(solver: str, nfe: int) -> int:

@@ -130,14 +130,62 @@ class SampleConfig:
     sigma_max: float = 80.0
     n: int = 64
     ema: str | None = None  # which average (default: the first); null: the raw weights
+    # An explicit grid (decreasing, ending in 0) that replaces schedule and sets steps: a distilled student's own.
+    sigmas: tuple[float, ...] = ()
 
     def __post_init__(self):
         _choice("solver", self.solver, SOLVERS)
+        if self.sigmas:
+            s = [float(v) for v in self.sigmas]
+            if len(s) < 2 or s[-1] != 0 or any(b >= a for a, b in zip(s, s[1:])) or s[-2] <= 0:
+                raise ValueError(f"sample.sigmas must decrease from a positive value to 0, got {list(self.sigmas)}")
+            object.__setattr__(self, "steps", len(s) - 1)
         _choice("schedule", self.schedule, [k for k in SCHEDULES if k != "optimized"])
         _positive("steps", self.steps)
         _positive("n", self.n)
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+
+
+DISTILLATION_METHODS = ("progressive", "consistency", "consistency_training", "guidance")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A student's distillation (``difflab distill`` writes it; see :mod:`difflab.distillation`). No method: the run
+    is ordinary training."""
+
+    method: str | None = None  # progressive, consistency, consistency_training or guidance
+    teacher: str | None = None  # the teacher's run directory (consistency_training: optional, for initial weights)
+    teacher_ema: str | None = None  # which of its averages (default: the teacher's sampling one)
+    teacher_solver: str = "euler"  # progressive: the teacher's two steps per student step (euler = DDIM, or heun)
+    teacher_sigmas: tuple[float, ...] = ()  # progressive: the teacher's grid; the student takes every other point
+    intervals: int = 18  # consistency: N noise levels (karras, rho 7); consistency_training: the curriculum doubles
+    # from 10 up to at most this many (iCT uses 1280 for long runs)
+    target_decay: float = 0.95  # consistency: EMA decay of the target network (consistency_training: 0, as iCT)
+    metric: str = "pseudo_huber"  # consistency: distance between student and target, pseudo_huber (iCT) or l2
+    guidance_range: tuple[float, float] = (1.0, 4.0)  # guidance: the scales the student learns, drawn uniformly
+
+    def __post_init__(self):
+        if self.method is None:
+            return
+        _choice("distill.method", self.method, DISTILLATION_METHODS)
+        if self.teacher is None and self.method != "consistency_training":
+            raise ValueError(f"distill.method {self.method} needs distill.teacher (a run directory)")
+        _choice("distill.teacher_solver", self.teacher_solver, ("euler", "heun"))
+        _choice("distill.metric", self.metric, ("pseudo_huber", "l2"))
+        if self.method == "progressive":
+            s = list(self.teacher_sigmas)
+            if len(s) < 3 or (len(s) - 1) % 2 or s[-1] != 0 or any(b >= a for a, b in zip(s, s[1:])):
+                raise ValueError("distill.teacher_sigmas must be an even number of steps decreasing to 0, "
+                                 f"got {s}")
+        if self.intervals < 2:
+            raise ValueError(f"distill.intervals must be at least 2, got {self.intervals}")
+        if not 0 <= self.target_decay < 1:
+            raise ValueError(f"distill.target_decay must be in [0, 1), got {self.target_decay}")
+        lo, hi = self.guidance_range
+        if not 0 <= lo <= hi:
+            raise ValueError(f"distill.guidance_range must be (low, high) with 0 <= low <= high, got {lo}, {hi}")
 
 
 @dataclass(frozen=True)
@@ -149,6 +197,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # autoencoder runs only
+    distill: DistillConfig = field(default_factory=DistillConfig)  # students only
 
 
 def encoder_source(config: RunConfig, data) -> str | None:

@@ -37,7 +37,7 @@ class DiffusionObjective:
         self.module = Precond(network, d.parameterization, sigma_data=d.sigma_data)
         self.noise_levels = NOISE_LEVELS[d.noise_levels](**d.noise_options)
 
-    def draw(self, batch: int, sample_shape: tuple[int, ...] | None) -> dict:
+    def draw(self, batch: int, sample_shape: tuple[int, ...] | None, step: int) -> dict:
         """Noise levels, label dropout and (for a fixed sample shape) the noise of the global batch."""
         draws = {"sigmas": self.noise_levels(batch, generator=self.generator),
                  "drops": torch.rand(batch, generator=self.generator) < self.config.diffusion.label_dropout}
@@ -45,18 +45,23 @@ class DiffusionObjective:
             draws["noises"] = torch.randn((batch, *sample_shape), generator=self.generator)
         return draws
 
-    def loss(self, model: nn.Module, images: torch.Tensor, labels, draws: dict, share: Share,
-             step: int) -> tuple[torch.Tensor, dict]:
-        d, device = self.config.diffusion, images.device
+    def prepare(self, images: torch.Tensor, labels, draws: dict, share: Share):
+        """(x0: the samples or their latents, noise, sigma, conditioning with labels dropped) of this share."""
+        device = images.device
         x0 = images if self.encoder is None else self.encoder.encode(images)
         if "noises" in draws:
             noise = draws["noises"][share.whole]
         else:  # aspect-ratio buckets: the round's size is known only now; drawn for its global micro-batch
             noise = torch.randn((share.micro, *x0.shape[1:]), generator=self.generator)[share.part]
-        sigma, noise = draws["sigmas"][share.whole].to(device), noise.to(device)
         cond = {}
         if labels is not None and self.num_classes:
             cond = drop_condition({"class_labels": labels.to(device)}, draws["drops"][share.whole].to(device))
+        return x0, noise.to(device), draws["sigmas"][share.whole].to(device), cond
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels, draws: dict, share: Share,
+             step: int) -> tuple[torch.Tensor, dict]:
+        d = self.config.diffusion
+        x0, noise, sigma, cond = self.prepare(images, labels, draws, share)
         weight = loss_weight(d.loss_weight, sigma, d.sigma_data, d.min_snr_gamma)
         return denoising_loss(model, x0, sigma, weight, noise=noise, **cond).mean(), {}
 
@@ -90,7 +95,7 @@ class AutoencoderObjective:
                                                lr=config.loss.disc_lr or config.optim.lr, betas=(0.5, 0.9))
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def draw(self, batch: int, sample_shape) -> dict:
+    def draw(self, batch: int, sample_shape, step: int) -> dict:
         return {}
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels, draws: dict, share: Share,

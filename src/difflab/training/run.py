@@ -76,12 +76,32 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
         class_label = None
     s = run.config.sample
     defaults = dict(solver=s.solver, steps=s.steps, schedule=s.schedule, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+    if s.sigmas and not {"steps", "schedule", "sigma_min", "sigma_max"} & options.keys():
+        defaults["sigmas"] = s.sigmas  # a student's own grid, unless the caller asks for another
+    if run.config.model.get("guidance_embed"):
+        options = _guidance_input(options)
+    device = next(run.network.parameters()).device
     images, labels = generate(run.model, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
-                              seed=seed, progress=progress, **{**defaults, **options})
+                              seed=seed, device=device, progress=progress, **{**defaults, **options})
     if run.encoder is not None:
-        device = next(run.model.parameters()).device
         images = torch.cat([run.encoder.decode(chunk.to(device)).cpu() for chunk in images.split(64)])
     return images, labels
+
+
+def _guidance_input(options: dict) -> dict:
+    """A guidance-distilled student takes its scale as an input (one forward pass), not through a guided denoiser."""
+    from difflab.guidance import GuidanceConfig
+
+    options = dict(options)
+    guidance = options.pop("guidance", None)
+    config = guidance if isinstance(guidance, GuidanceConfig) else GuidanceConfig(scale=1.0 if guidance is None
+                                                                                  else guidance)
+    if config != GuidanceConfig(scale=config.scale) or options.get("guide_with") is not None:
+        raise ValueError("a guidance-distilled student takes only a guidance scale (no interval, rescale, APG or "
+                         "autoguidance)")
+    if isinstance(config.scale, tuple):
+        raise ValueError("a guidance-distilled student samples with one guidance scale")
+    return {**options, "guidance_scale": config.scale}
 
 
 @torch.no_grad()

@@ -126,8 +126,15 @@ class Trainer:
                                                   lambda m: wrap(m, t.distributed, self.world), self.world.device)
         else:
             on_the_fly = self.encoder if self.encoder is not None and not self.loader.encoder else None
-            self.objective = DiffusionObjective(config, self.network, self.generator, self.loader.num_classes,
-                                                on_the_fly)
+            objective = DiffusionObjective
+            if config.distill.method:  # a student: its objective loads the teacher and starts from its weights
+                if self.world.size > 1 and t.distributed == "fsdp":
+                    raise ValueError("distillation runs use train.distributed=ddp (the teacher is not sharded)")
+                from difflab.distillation import OBJECTIVES
+
+                objective = OBJECTIVES[config.distill.method]
+            self.objective = objective(config, self.network, self.generator, config.model.get("num_classes", 0),
+                                       on_the_fly)
         # Wrap first: FSDP replaces the parameters by shards, which the EMA and the optimizer must hold.
         self.model = wrap(self.objective.module, t.distributed, self.world)
         self.sharded = self.world.size > 1 and t.distributed == "fsdp"
@@ -198,7 +205,7 @@ class Trainer:
         autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         # Drawn for the whole global batch, then sliced: the same samples see the same randomness whatever the
         # number of processes or accumulation rounds (aspect-ratio buckets: per round, see the objective).
-        draws = self.objective.draw(t.batch, None if self.loader.bucketed else self.sample_shape)
+        draws = self.objective.draw(t.batch, None if self.loader.bucketed else self.sample_shape, self.step)
         total = torch.zeros((), dtype=torch.float64, device=world.device)  # sums as Python floats would
         for round_ in range(t.accumulation):
             images, labels = next(self.loader)
@@ -346,7 +353,7 @@ class Trainer:
             model = make_model(self.config, state, self.world.device)
             run = Run(self.config, model, None, name or "model", self.encoder)
             path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png",
-                                 n=self.config.sample.n, device=self.world.device)
+                                 n=self.config.sample.n)
         self.world.barrier()
         return path
 
