@@ -68,6 +68,14 @@ def train(config: dict, run_dir: Path, minutes: float) -> dict:
     return Trainer(resolve(config), run_dir, progress=False).fit()
 
 
+def held_out_figure(images: torch.Tensor, reconstructions: torch.Tensor, path: Path, count: int = 32) -> Path:
+    """Rows of 8 held-out images, each followed by its reconstruction."""
+    from difflab.evaluation.plots import save_image_grid
+
+    pairs = zip(images[:count].split(8), reconstructions[:count].split(8), strict=True)
+    return save_image_grid(torch.cat([chunk for pair in pairs for chunk in pair]), path, columns=8)
+
+
 def images_per_second(run_dir: Path) -> float:
     with open(run_dir / "metrics.csv") as f:
         rates = [float(row["images_per_second"]) for row in csv.DictReader(f)]
@@ -82,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=1000, help="generator samples scored")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--figure", type=Path, default=Path("docs/figures/autoencoder_emoji.png"),
+                        help="held-out images over their reconstructions")
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,11 +136,12 @@ def main(argv=None) -> int:
     for name, images in (("autoencoder", reconstructions), ("bicubic", bicubic)):
         stage1[name] = {"psnr": psnr(images, held_out.images), "ssim": ssim(images, held_out.images),
                         "frechet_distance": frechet_distance(extractor(images), reference)}
+    picture = held_out_figure(held_out.images, reconstructions, args.figure)
     print(f"autoencoder f={factor} c={stage1['latent_channels']}: {summary['step']} steps in "
           f"{summary['minutes']:.1f} min; held-out PSNR {stage1['autoencoder']['psnr']:.2f} dB, SSIM "
           f"{stage1['autoencoder']['ssim']:.3f}, FD {stage1['autoencoder']['frechet_distance']:.2f} (bicubic "
           f"x{factor}: {stage1['bicubic']['psnr']:.2f} dB, {stage1['bicubic']['ssim']:.3f}, "
-          f"{stage1['bicubic']['frechet_distance']:.2f})", flush=True)
+          f"{stage1['bicubic']['frechet_distance']:.2f}); figure {picture}", flush=True)
 
     # Stage 2 against pixel space, at equal training minutes.
     start = time.perf_counter()

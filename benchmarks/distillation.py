@@ -30,6 +30,7 @@ import torch
 
 from difflab.config import load_yaml
 from difflab.distillation import consistency_sigmas, distill
+from difflab.evaluation import frechet_distance
 from difflab.sampling import SOLVERS
 from difflab.sampling.solvers import steps_for_nfe
 from difflab.training import Trainer, resolve
@@ -39,11 +40,12 @@ ROOT = Path(__file__).parents[1]
 TEACHER_SOLVERS = ("euler", "heun", "dpmpp_2m", "unipc")
 
 
-def score(run_dir: Path, n: int, extractor, **options) -> dict:
+def score(run_dir: Path, n: int, extractor, **options) -> tuple[dict, torch.Tensor]:
+    """Metrics of ``n`` samples (seeds 0..n-1, class-balanced) against the digits, and the samples."""
     run = load_run(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-    metrics, _ = evaluate(run, n, seed=0, extractor=extractor, **options)
+    metrics, images = evaluate(run, n, seed=0, extractor=extractor, **options)
     return {"frechet_distance": metrics["frechet_distance"], "class_accuracy": metrics["class_accuracy"],
-            "noise_floor": metrics["noise_floor_frechet_distance"]}
+            "noise_floor": metrics["noise_floor_frechet_distance"]}, images
 
 
 def training_minutes(run_dir: Path) -> float:
@@ -104,9 +106,12 @@ def main(argv=None) -> int:
                 "stage_steps": args.stage_steps, "consistency_steps": args.consistency_steps,
                 "guidance_steps": args.guidance_steps, "rows": rows, "targets": targets}, indent=1))
 
+    samples = {}
+
     def row(model: str, run_dir: Path, nfe: int, minutes: float | None = None, note: str = "", **options) -> dict:
-        result = {"model": model, "nfe": nfe, "distill_minutes": minutes,
-                  **score(run_dir, args.n, extractor, **options), "settings": note or json.dumps(options)}
+        metrics, samples[model, nfe, json.dumps(options)] = score(run_dir, args.n, extractor, **options)
+        result = {"model": model, "nfe": nfe, "distill_minutes": minutes, **metrics,
+                  "settings": note or json.dumps(options)}
         rows.append(result)
         save({})  # rewritten after every row: a run stopped early keeps what it measured
         print(f"{model:24s} NFE {nfe:3d}  FD {result['frechet_distance']:7.3f}  acc {result['class_accuracy']:.3f}"
@@ -142,9 +147,21 @@ def main(argv=None) -> int:
                           overrides=overrides, progress=False)[0]
         minutes = training_minutes(student)
         for scale in scales:
-            row("guidance student", student, SOLVERS["heun"].nfe(18), minutes, solver="heun", steps=18, guidance=scale)
-            row("teacher/guided", teacher, 2 * SOLVERS["heun"].nfe(18), solver="heun", steps=18, guidance=scale)
+            options = {"solver": "heun", "steps": 18, "guidance": scale}
+            one = row("guidance student", student, SOLVERS["heun"].nfe(18), minutes, **options)
+            row("teacher/guided", teacher, 2 * SOLVERS["heun"].nfe(18), **options)
             row("teacher/guided", teacher, 2 * SOLVERS["heun"].nfe(9), solver="heun", steps=9, guidance=scale)
+            # How well the student reproduces the guided teacher: the same seeds, sample by sample.
+            mine = samples["guidance student", one["nfe"], json.dumps(options)]
+            theirs = samples["teacher/guided", 2 * one["nfe"], json.dumps(options)]
+            unguided = samples["teacher", SOLVERS["heun"].nfe(18), json.dumps({"solver": "heun", "steps": 18})]
+            one["rmse_to_guided_teacher"] = (mine - theirs).square().mean().sqrt().item()
+            one["rmse_unguided_teacher_to_guided"] = (unguided - theirs).square().mean().sqrt().item()  # the start
+            one["frechet_distance_to_guided_teacher"] = frechet_distance(extractor(mine), extractor(theirs))
+            print(f"{'':24s} to the guided teacher at w={scale:g}: RMSE {one['rmse_to_guided_teacher']:.4f} (unguided "
+                  f"teacher {one['rmse_unguided_teacher_to_guided']:.4f}), FD "
+                  f"{one['frechet_distance_to_guided_teacher']:.3f}", flush=True)
+            save({})
 
     floor = rows[0]["noise_floor"]
     reference = rows[0]["frechet_distance"]

@@ -131,7 +131,9 @@ def autoencoder_module(monkeypatch):
 
 def test_autoencoder_benchmark_smoke(autoencoder_module, tmp_path, capsys):
     out = tmp_path / "autoencoder.json"
-    assert autoencoder_module.main(["--quick", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    assert autoencoder_module.main(["--quick", "--work", str(tmp_path / "work"), "--json", str(out),
+                                    "--figure", str(tmp_path / "ae.png")]) == 0
+    assert (tmp_path / "ae.png").exists()
     assert "latent training is" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["stage1"]["factor"] == 4 and result["stage1"]["latent_channels"] == 4
@@ -155,3 +157,21 @@ def test_guidance_benchmark_smoke(guidance_module, tmp_path, capsys):
     assert {(row["method"], row["guidance"]) for row in result["rows"]} == {
         (m, w) for m in ("cfg", "cfg+interval", "autoguidance") for w in (0.0, 2.0)}
     assert set(result["best"]) == {"cfg", "cfg+interval", "autoguidance"} and (tmp_path / "g.png").exists()
+
+
+@pytest.fixture
+def distillation_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "distillation")
+
+
+def test_distillation_benchmark_smoke(distillation_module, tmp_path, capsys):
+    out = tmp_path / "distillation.json"
+    assert distillation_module.main(["--quick", "--work", str(tmp_path / "runs"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "target: 4-step progressive" not in printed and "target: 2-step consistency" in printed  # quick: 2, 1
+    result = json.loads(out.read_text())
+    models = {row["model"] for row in result["rows"]}
+    assert {"teacher", "teacher (best solver)", "progressive/steps-2", "progressive/steps-1", "consistency",
+            "guidance student", "teacher/guided"} <= models
+    student = next(row for row in result["rows"] if row["model"] == "guidance student")
+    assert student["rmse_to_guided_teacher"] >= 0 and student["distill_minutes"] > 0

@@ -73,18 +73,34 @@ def _config_path(text: str) -> Path:
     return path
 
 
-def _train(args: argparse.Namespace) -> int:
+def _training(verb: str, work) -> int:
+    """Run ``work()`` (training of some kind); bad input exits 2 with one line, a stopped run 1."""
     import yaml
 
+    from difflab.training import TrainingError
+
+    try:
+        work()
+    except (ValueError, FileExistsError, FileNotFoundError, yaml.YAMLError) as exc:
+        print(f"difflab {verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"difflab {verb}: stopped: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
     from difflab.config import load_yaml
-    from difflab.training import Trainer, TrainingError, resolve
+    from difflab.training import Trainer, resolve
     from difflab.training.trainer import config_yaml
 
     if args.config is None and not args.resume:
         print("difflab train: error: give a CONFIG (a YAML file or a preset in configs/)", file=sys.stderr)
         return 2
     run_dir = args.run_dir or Path("runs", _config_path(args.config).stem)
-    try:
+
+    def work() -> None:
         saved = run_dir / "config.yaml"
         if args.resume and saved.exists():
             if args.config is not None:
@@ -95,37 +111,24 @@ def _train(args: argparse.Namespace) -> int:
         config = resolve(mapping, args.set)
         if args.dry_run:
             print(config_yaml(config), end="")
-            return 0
+            return
         if os.environ.get("RANK", "0") == "0":
             print(f"difflab train: {run_dir}")
         Trainer(config, run_dir, resume=args.resume, progress=not args.no_progress).fit()
-    except (ValueError, FileExistsError, FileNotFoundError, yaml.YAMLError) as exc:
-        print(f"difflab train: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"difflab train: stopped: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return _training("train", work)
 
 
 def _distill(args: argparse.Namespace) -> int:
-    import yaml
-
     from difflab.distillation import distill
-    from difflab.training import TrainingError
 
-    try:
+    def work() -> None:
         students = distill(args.teacher, args.method, args.out, steps=args.steps, from_steps=args.from_steps,
                            train_steps=args.train_steps, overrides=args.set, resume=args.resume,
                            progress=not args.no_progress)
-    except (ValueError, FileExistsError, FileNotFoundError, yaml.YAMLError) as exc:
-        print(f"difflab distill: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"difflab distill: stopped: {exc}", file=sys.stderr)
-        return 1
-    print("difflab distill: students (sample them with difflab sample DIR): " + ", ".join(map(str, students)))
-    return 0
+        print("difflab distill: students (sample them with difflab sample DIR): " + ", ".join(map(str, students)))
+
+    return _training("distill", work)
 
 
 def _class_label(text: str) -> int | str | None:
@@ -435,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the student's run directory (progressive: a folder of steps-N stages)")
     student.add_argument("--steps", type=_positive_int, default=1,
                          help="sampling steps of the (last) student (default: 1)")
-    student.add_argument("--from-steps", type=_positive_int, default=32,
-                         help="progressive: the teacher's steps the first stage halves (default: 32)")
+    student.add_argument("--from-steps", type=_positive_int, default=16,
+                         help="progressive: the teacher's steps the first stage halves (default: 16)")
     student.add_argument("--train-steps", type=_positive_int, default=1000,
                          help="optimizer steps per student (per stage for progressive; default: 1000)")
     student.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -63,7 +63,7 @@ def student_mapping(teacher: Path, method: str, *, train_steps: int, steps: int 
     return mapping
 
 
-def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1, from_steps: int = 32,
+def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1, from_steps: int = 16,
             train_steps: int = 1000, overrides: list[str] = (), resume: bool = False,
             progress: bool = True) -> list[Path]:
     """Distil ``teacher`` into student run directories under ``out`` (see the module docstring); returns them."""
@@ -86,9 +86,8 @@ def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1
     students = []
     n = from_steps // 2
     while n >= steps:
-        if progress:
-            print(f"difflab distill: progressive stage {len(students) + 1}, {2 * n} -> {n} steps "
-                  f"(teacher {teacher}, {solver})", flush=True)
+        print(f"difflab distill: progressive stage {len(students) + 1}, {2 * n} -> {n} steps "
+              f"(teacher {teacher}, {solver})", flush=True)
         run_dir = out / f"steps-{n}"
         mapping = student_mapping(teacher, method, steps=n, train_steps=train_steps, teacher_sigmas=grid,
                                   teacher_solver=solver)
