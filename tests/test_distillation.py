@@ -217,6 +217,7 @@ def test_students_sample_and_resume_through_the_cli(teacher, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["steps-2", "steps-4"]
     stage = yaml.safe_load((out / "steps-2" / "config.yaml").read_text())
     assert stage["sample"]["solver"] == "euler" and len(stage["sample"]["sigmas"]) == 3
+    assert stage["optim"]["lr"] == 0.25 * TINY["optim"]["lr"]  # every stage: a quarter of the first teacher's
     assert stage["distill"]["teacher"] == str((out / "steps-4").resolve())
     assert load_yaml(out / "steps-4" / "config.yaml")["distill"]["teacher_sigmas"][::2] == \
         load_yaml(out / "steps-4" / "config.yaml")["sample"]["sigmas"]

@@ -44,13 +44,15 @@ def _teacher_mapping(teacher: Path) -> dict:
 
 
 def student_mapping(teacher: Path, method: str, *, train_steps: int, steps: int = 1,
-                    teacher_sigmas: list[float] | None = None, teacher_solver: str = "euler") -> dict:
-    """The config of a student of ``teacher`` (before ``--set`` overrides)."""
+                    teacher_sigmas: list[float] | None = None, teacher_solver: str = "euler",
+                    lr: float | None = None) -> dict:
+    """The config of a student of ``teacher`` (before ``--set`` overrides); ``lr`` defaults to a quarter of the
+    teacher's."""
     mapping = _teacher_mapping(teacher)
     sample = mapping["sample"]
     distill = {"method": method, "teacher": str(teacher.resolve())}
     mapping["train"].update(steps=train_steps, sample_every=0, max_minutes=None)
-    mapping["optim"]["lr"] *= STUDENT_LR_FACTOR
+    mapping["optim"]["lr"] = lr or mapping["optim"]["lr"] * STUDENT_LR_FACTOR
     if method == "progressive":
         distill.update(teacher_sigmas=teacher_sigmas, teacher_solver=teacher_solver)
         sample.update(solver="euler", sigmas=teacher_sigmas[::2])
@@ -79,7 +81,8 @@ def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1
     if from_steps <= steps or from_steps % steps or (from_steps // steps) & (from_steps // steps - 1):
         raise ValueError(f"progressive distillation halves from --from-steps to --steps: {from_steps} must be "
                          f"{steps} times a power of two")
-    sample = _teacher_mapping(teacher)["sample"]
+    first = _teacher_mapping(teacher)
+    sample, lr = first["sample"], first["optim"]["lr"] * STUDENT_LR_FACTOR  # every stage: the first teacher's
     grid = SCHEDULES[sample["schedule"]](from_steps, sigma_min=sample["sigma_min"],
                                          sigma_max=sample["sigma_max"]).tolist()
     solver = sample["solver"] if sample["solver"] in ("euler", "heun") else "euler"
@@ -90,7 +93,7 @@ def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1
               f"(teacher {teacher}, {solver})", flush=True)
         run_dir = out / f"steps-{n}"
         mapping = student_mapping(teacher, method, steps=n, train_steps=train_steps, teacher_sigmas=grid,
-                                  teacher_solver=solver)
+                                  teacher_solver=solver, lr=lr)
         _train(mapping, overrides, run_dir, resume, progress)
         students.append(run_dir)
         teacher, grid, solver, n = run_dir, grid[::2], "euler", n // 2
