@@ -259,6 +259,7 @@ def test_students_sample_and_resume_through_the_cli(teacher, tmp_path, capsys):
     (["--method", "consistency", "--set", "distill.metric=lpips"], "distill.metric must be one of"),
     (["--method", "guidance", "--set", "distill.guidance_range=[3, 1]"], "guidance_range"),
     (["--method", "guidance", "--set", "model.guidance_embed=false"], "needs model.guidance_embed=true"),
+    (["--method", "consistency", "--set", "model.channels=8"], "the student's model differs from the teacher"),
 ])
 def test_distill_errors_are_one_line(teacher, tmp_path, capsys, args, message):
     assert main(["distill", str(teacher), "--out", str(tmp_path / "s"), "--no-progress", *args]) == 2

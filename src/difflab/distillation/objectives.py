@@ -50,7 +50,11 @@ class _Student(DiffusionObjective):
 
     def _start_from(self, network: nn.Module, state: dict) -> None:
         """The teacher's weights; a student's own new inputs (a guidance embedding) keep their zero start."""
-        missing, unexpected = network.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = network.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a parameter of another shape
+            raise ConfigError(f"the student's model differs from the teacher {self.config.distill.teacher}: "
+                              f"{str(exc).splitlines()[1].strip()}") from None
         new = [k for k in missing if not k.startswith("embed.guidance.")]
         if new or unexpected:
             raise ConfigError(f"the student's model differs from the teacher {self.config.distill.teacher}: "
