@@ -1,8 +1,8 @@
 """``difflab distill``: a teacher run in, student run directories out, trained by the one trainer.
 
 A student's config is its teacher's (model, data, encoder, conditioning, optimizer at a quarter of the learning
-rate) with a ``distill:`` section for its objective and a ``sample:`` section for how it is sampled, so ``difflab sample`` and ``difflab eval`` use a student
-like any run:
+rate) with a ``distill:`` section for its objective and a ``sample:`` section for how it is sampled, so
+``difflab sample`` and ``difflab eval`` use a student like any run:
 
 - ``progressive``: stages that halve the steps, from the teacher's grid of ``from_steps`` steps (its own schedule,
   solved with its solver if that is euler or heun, else euler = DDIM) down to ``steps``; stage k's student is stage

@@ -27,7 +27,7 @@ from torch import nn
 from difflab.config import ConfigError
 from difflab.diffusion import loss_weight, weighted_mse
 from difflab.sampling.schedules import karras
-from difflab.sampling.solvers import euler_update, heun_update
+from difflab.sampling.solvers import euler_update, heun_update, rows
 from difflab.training.objectives import DiffusionObjective, Share
 
 CT_FIRST_INTERVALS = 10  # iCT's s0: the consistency-training curriculum starts at 10 noise levels and doubles
@@ -68,10 +68,6 @@ class _Student(DiffusionObjective):
         return euler_update(x, denoised, sigma, sigma_next)
 
 
-def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(like.dtype).view(-1, *[1] * (like.ndim - 1))
-
-
 class ProgressiveObjective(_Student):
     """Progressive distillation (Salimans & Ho 2022, Alg. 2): the student's grid is every other point of the
     teacher's, ``distill.teacher_sigmas``; a training sample sits at a random student step."""
@@ -89,11 +85,11 @@ class ProgressiveObjective(_Student):
         x0, noise, _, cond = self.prepare(images, labels, draws, share)
         k = 2 * draws["steps"][share.whole]
         sigma, middle, sigma_next = (self.grid[k + j].to(x0.device, torch.float32) for j in range(3))
-        x = x0 + _rows(sigma, x0) * noise
+        x = x0 + rows(sigma, x0) * noise
         with torch.no_grad():
             x_next = self.teacher_step(self.teacher_step(x, sigma, middle, cond), middle, sigma_next, cond)
             # The x0 estimate whose single DDIM step from x lands on the teacher's x_next (Alg. 2's x~).
-            ratio = _rows(sigma_next / sigma, x0)
+            ratio = rows(sigma_next / sigma, x0)
             target = (x_next - ratio * x) / (1 - ratio)
         weight = loss_weight("truncated_snr", sigma)
         return weighted_mse(model(x, sigma, **cond), target, weight).mean(), {}
@@ -137,10 +133,10 @@ class ConsistencyObjective(_Student):
     def loss(self, model, images, labels, draws, share: Share, step: int):
         x0, noise, _, cond = self.prepare(images, labels, draws, share)
         sigma, sigma_next = draws["pairs"][share.whole].to(x0.device, torch.float32).unbind(1)
-        x = x0 + _rows(sigma, x0) * noise
+        x = x0 + rows(sigma, x0) * noise
         with torch.no_grad():
             if self.training:
-                x_next = x0 + _rows(sigma_next, x0) * noise
+                x_next = x0 + rows(sigma_next, x0) * noise
                 target = model(x_next, sigma_next, **cond)  # iCT: the student itself, without its gradient
             else:
                 x_next = self.teacher_step(x, sigma, sigma_next, cond)
@@ -196,7 +192,7 @@ class GuidanceObjective(_Student):
         d = self.config.diffusion
         x0, noise, sigma, cond = self.prepare(images, labels, draws, share)
         scales = draws["scales"][share.whole].to(x0.device)
-        x = x0 + _rows(sigma, x0) * noise
+        x = x0 + rows(sigma, x0) * noise
         with torch.no_grad():
             target = guided(self.teacher, scales)(x, sigma, **cond)
         weight = loss_weight(d.loss_weight, sigma, d.sigma_data, d.min_snr_gamma)

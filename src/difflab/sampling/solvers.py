@@ -87,7 +87,7 @@ def euler(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callbac
 def euler_update(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """x at ``sigma_next`` from x at ``sigma`` and its estimate: x + (sigma_next - sigma) d. The sigmas are floats
     or per-sample (B,) tensors (distillation steps every sample from its own noise level)."""
-    ratio = sigma_next / sigma if isinstance(sigma, float) else _rows(sigma_next / sigma, x)
+    ratio = sigma_next / sigma if isinstance(sigma, float) else rows(sigma_next / sigma, x)
     return denoised + ratio * (x - denoised)
 
 
@@ -96,8 +96,8 @@ def heun_update(denoiser: Denoiser, x: torch.Tensor, denoised: torch.Tensor, sig
     Euler step into sigma = 0). The sigmas are floats, or per-sample (B,) tensors: the teacher step of
     distillation, where every sample has its own noise level."""
     per_sample = isinstance(sigma, torch.Tensor)
-    d = (x - denoised) / (_rows(sigma, x) if per_sample else sigma)
-    step = _rows(sigma_next - sigma, x) if per_sample else sigma_next - sigma
+    d = (x - denoised) / (rows(sigma, x) if per_sample else sigma)
+    step = rows(sigma_next - sigma, x) if per_sample else sigma_next - sigma
     x_next = x + step * d
     if not per_sample:
         if sigma_next == 0:
@@ -108,11 +108,11 @@ def heun_update(denoiser: Denoiser, x: torch.Tensor, denoised: torch.Tensor, sig
     if bool(last.all()):
         return x_next
     safe = torch.where(last, sigma, sigma_next)  # never call the denoiser at sigma = 0
-    d_next = (x_next - denoiser(x_next, safe, **cond)) / _rows(safe, x)
+    d_next = (x_next - denoiser(x_next, safe, **cond)) / rows(safe, x)
     return torch.where(last.view(-1, *[1] * (x.ndim - 1)), x_next, x + step * (d + d_next) / 2)
 
 
-def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, ...) broadcastable against ``like``."""
     return values.to(like.dtype).view(-1, *[1] * (like.ndim - 1))
 
