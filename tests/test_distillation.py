@@ -153,6 +153,20 @@ def test_consistency_distillation_target_network_is_an_ema_and_checkpointed(teac
     assert all(grid.tolist().index(a) + 1 == grid.tolist().index(b) for a, b in pairs.tolist())
 
 
+def test_consistency_distillation_without_target_decay_uses_the_stop_gradient_student(teacher):
+    student, _ = objective(teacher, "consistency", "distill.target_decay=0", steps=2)
+    assert student.target is None
+    images, labels = batch()
+    calls = []
+
+    def model(x, sigma, **cond):
+        calls.append(torch.is_grad_enabled())
+        return x * 0.5
+
+    loss, _ = student.loss(model, images, labels, student.draw(12, (1, 8, 8), 0), Share(0, 12, 0, 1), 0)
+    assert torch.isfinite(loss) and calls == [False, True]  # the target without gradient, then the prediction
+
+
 def test_consistency_training_curriculum_doubles_the_discretisation(teacher):
     student, _ = objective(teacher, "consistency_training", "distill.intervals=40", "train.steps=30", steps=1)
     assert student.target is None  # iCT: the stop-gradient student is the target

@@ -137,10 +137,11 @@ class ConsistencyObjective(_Student):
         with torch.no_grad():
             if self.training:
                 x_next = x0 + rows(sigma_next, x0) * noise
-                target = model(x_next, sigma_next, **cond)  # iCT: the student itself, without its gradient
             else:
                 x_next = self.teacher_step(x, sigma, sigma_next, cond)
-                target = self.target(x_next, sigma_next, **cond)
+            # The EMA target network, or with no decay (iCT, and always for consistency training) the student
+            # itself without its gradient.
+            target = (model if self.target is None else self.target)(x_next, sigma_next, **cond)
         distance = self.distance(model(x, sigma, **cond), target)
         weight = 1 / (sigma - sigma_next) if self.training else torch.ones_like(sigma)
         return (weight * distance).mean(), {"intervals": float(len(self.grid(step)))}
