@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +39,10 @@ def sample(
     guide_with: Callable[..., torch.Tensor] | None = None,
     negative: dict | None = None,
     sigmas: torch.Tensor | list[float] | None = None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
+    mask: torch.Tensor | None = None,
+    resample: tuple[int, int] | None = None,
     **cond,
 ) -> torch.Tensor:
     """Draw samples: scale ``noise ~ N(0, I)`` to sigma_max and solve down to 0 (DESIGN.md contract).
@@ -52,6 +57,11 @@ def sample(
     ``guidance`` (a scale or a :class:`~difflab.guidance.GuidanceConfig`) guides the denoiser: classifier-free
     against the null condition (or the ``negative`` one), or, with ``guide_with``, autoguidance against that
     weaker denoiser (see :mod:`difflab.guidance`).
+
+    Control (see :mod:`difflab.control`), with ``init`` an image batch-aligned with ``noise`` (or of batch 1):
+    ``strength < 1`` is image-to-image (SDEdit): the last ``strength`` of the grid is solved from ``init`` noised to
+    its first sigma. ``mask`` (1 = keep) inpaints: the known region of ``init`` is kept by replacement, and
+    ``resample=(jump, count)`` adds RePaint's resampling.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -60,6 +70,14 @@ def sample(
     for name, value in cond.items():
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != noise.shape[0]:
             raise ValueError(f"conditioning {name!r} has batch {value.shape[0]}, noise has {noise.shape[0]}")
+    if (mask is not None or strength != 1) != (init is not None):
+        raise ValueError("an init image goes with image-to-image (strength < 1) or inpainting (a mask), and they "
+                         "need one")
+    if init is not None and (init.ndim != noise.ndim or init.shape[0] not in (1, noise.shape[0])
+                             or init.shape[1:] != noise.shape[1:]):
+        raise ValueError(f"init image of shape {tuple(init.shape)} does not fit samples of shape {tuple(noise.shape)}")
+    if resample is not None and mask is None:
+        raise ValueError("RePaint resampling needs a mask")
     if guidance is not None:
         from difflab.guidance import autoguided, guided
 
@@ -75,8 +93,22 @@ def sample(
             schedule_options = {"denoiser": denoiser, "solver": solver, "shape": tuple(noise.shape),
                                 "dtype": noise.dtype, "device": noise.device, **schedule_options}
         sigmas = SCHEDULES[schedule](steps, sigma_min=sigma_min, sigma_max=sigma_max, **schedule_options)
+    if strength != 1:
+        from difflab.control import strength_sigmas
 
-    bar = tqdm(total=len(sigmas) - 1, desc=f"sampling ({solver})", disable=not progress, leave=False)
+        sigmas = strength_sigmas(sigmas, strength)
+    solve, total = partial(SOLVERS[solver], **(solver_options or {})), len(sigmas) - 1
+    if init is not None:
+        from difflab.control import inpainted, repaint, repaint_segments
+
+        if mask is not None:
+            denoiser = inpainted(denoiser, init.to(noise), mask.to(noise.device), noise)
+        if resample is not None:
+            jump, count = resample
+            solve = partial(repaint, jump=jump, resample=count, solver=solver, solver_options=solver_options)
+            total = sum(end - start for start, end in repaint_segments(total, jump, count) if start < end)
+
+    bar = tqdm(total=total, desc=f"sampling ({solver})", disable=not progress, leave=False)
 
     def on_step(info: dict) -> None:
         bar.update()
@@ -85,8 +117,8 @@ def sample(
 
     with torch.no_grad():
         x = noise * sigmas[0].item()
-        x = SOLVERS[solver](
-            denoiser, x, sigmas, generator=generator, callback=on_step, **(solver_options or {}), **cond
-        )
+        if strength != 1:
+            x = x + init.to(x)
+        x = solve(denoiser, x, sigmas, generator=generator, callback=on_step, **cond)
     bar.close()
     return x

@@ -51,7 +51,8 @@ def _check_order(order: int) -> None:
         raise ValueError(f"order must be a positive integer, got {order!r}")
 
 
-def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float, cond: dict) -> torch.Tensor:
+def denoise_at(denoiser: Denoiser, x: torch.Tensor, sigma: float, cond: dict) -> torch.Tensor:
+    """The denoiser's estimate for the whole batch at one noise level ``sigma`` (a float)."""
     dtype = torch.promote_types(x.dtype, torch.float32)  # a bfloat16 sigma would keep 3 digits
     return denoiser(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device), **cond)
 
@@ -78,7 +79,7 @@ def euler(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callbac
     """Euler's method on the probability-flow ODE; identical to DDIM (Song et al. 2021; EDM, Alg. 1)."""
     s = _sigmas(sigmas)
     for i in range(len(s) - 1):
-        denoised = _denoise(denoiser, x, s[i], cond)
+        denoised = denoise_at(denoiser, x, s[i], cond)
         _report(callback, i, x, s, denoised)
         x = euler_update(x, denoised, s[i], s[i + 1])
     return x
@@ -102,7 +103,7 @@ def heun_update(denoiser: Denoiser, x: torch.Tensor, denoised: torch.Tensor, sig
     if not per_sample:
         if sigma_next == 0:
             return x_next
-        d_next = (x_next - _denoise(denoiser, x_next, sigma_next, cond)) / sigma_next
+        d_next = (x_next - denoise_at(denoiser, x_next, sigma_next, cond)) / sigma_next
         return x + step * (d + d_next) / 2
     last = sigma_next == 0
     if bool(last.all()):
@@ -136,7 +137,7 @@ def heun(
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise_like(x, generator)
-        denoised = _denoise(denoiser, x, sigma_hat, cond)
+        denoised = denoise_at(denoiser, x, sigma_hat, cond)
         _report(callback, i, x, s, denoised)
         x = denoised if sigma_next == 0 else heun_update(denoiser, x, denoised, sigma_hat, sigma_next, cond)
     return x
@@ -163,7 +164,7 @@ def dpm2(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback
     s = _sigmas(sigmas)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _denoise(denoiser, x, sigma, cond)
+        denoised = denoise_at(denoiser, x, sigma, cond)
         _report(callback, i, x, s, denoised)
         if sigma_next == 0:
             x = denoised
@@ -171,7 +172,7 @@ def dpm2(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback
         sigma_mid = math.sqrt(sigma * sigma_next)
         d = (x - denoised) / sigma
         x_mid = x + (sigma_mid - sigma) * d
-        d_mid = (x_mid - _denoise(denoiser, x_mid, sigma_mid, cond)) / sigma_mid
+        d_mid = (x_mid - denoise_at(denoiser, x_mid, sigma_mid, cond)) / sigma_mid
         x = x + (sigma_next - sigma) * d_mid
     return x
 
@@ -186,7 +187,7 @@ def rk4(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback=
     s = _sigmas(sigmas)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _denoise(denoiser, x, sigma, cond)
+        denoised = denoise_at(denoiser, x, sigma, cond)
         _report(callback, i, x, s, denoised)
         if sigma_next == 0:
             x = denoised
@@ -195,11 +196,11 @@ def rk4(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback=
         sigma_mid = math.sqrt(sigma * sigma_next)
         k1 = x - denoised
         x2 = x + h / 2 * k1
-        k2 = x2 - _denoise(denoiser, x2, sigma_mid, cond)
+        k2 = x2 - denoise_at(denoiser, x2, sigma_mid, cond)
         x3 = x + h / 2 * k2
-        k3 = x3 - _denoise(denoiser, x3, sigma_mid, cond)
+        k3 = x3 - denoise_at(denoiser, x3, sigma_mid, cond)
         x4 = x + h * k3
-        k4 = x4 - _denoise(denoiser, x4, sigma_next, cond)
+        k4 = x4 - denoise_at(denoiser, x4, sigma_next, cond)
         x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     return x
 
@@ -234,7 +235,7 @@ def _multistep(
     s = _sigmas(sigmas)
     slopes: list[torch.Tensor] = []
     for i in range(len(s) - 1):
-        denoised = _denoise(denoiser, x, s[i], cond)
+        denoised = denoise_at(denoiser, x, s[i], cond)
         _report(callback, i, x, s, denoised)
         if s[i + 1] == 0:
             x = denoised
@@ -280,7 +281,7 @@ def ipndm(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callbac
     s = _sigmas(sigmas)
     slopes: list[torch.Tensor] = []
     for i in range(len(s) - 1):
-        denoised = _denoise(denoiser, x, s[i], cond)
+        denoised = denoise_at(denoiser, x, s[i], cond)
         _report(callback, i, x, s, denoised)
         if s[i + 1] == 0:
             x = denoised
@@ -308,7 +309,7 @@ def _dpmpp(denoiser, x, sigmas, order, eta, s_noise, generator, callback, cond):
     history: list[tuple[torch.Tensor, float]] = []  # (denoised, lambda) of earlier steps, newest first
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _denoise(denoiser, x, sigma, cond)
+        denoised = denoise_at(denoiser, x, sigma, cond)
         _report(callback, i, x, s, denoised)
         if sigma_next == 0:
             x = denoised
@@ -426,7 +427,7 @@ def unipc(
     x_prev, order_prev = None, 1
     for i in range(n):
         lam = -math.log(s[i])
-        denoised = _denoise(denoiser, x, s[i], cond)
+        denoised = denoise_at(denoiser, x, s[i], cond)
         _report(callback, i, x, s, denoised)
         if corrector and x_prev is not None:
             m0, lam0 = history[0]
@@ -456,7 +457,7 @@ def euler_ancestral(
     s = _sigmas(sigmas)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _denoise(denoiser, x, sigma, cond)
+        denoised = denoise_at(denoiser, x, sigma, cond)
         _report(callback, i, x, s, denoised)
         if sigma_next == 0:
             x = denoised
@@ -478,7 +479,7 @@ def ddpm(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, callback
     s = _sigmas(sigmas)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = _denoise(denoiser, x, sigma, cond)
+        denoised = denoise_at(denoiser, x, sigma, cond)
         _report(callback, i, x, s, denoised)
         if sigma_next == 0:
             x = denoised
@@ -500,7 +501,7 @@ def consistency(denoiser: Denoiser, x, sigmas, *, generator: Generator = None, c
     sampler: each step forgets the last one's noise)."""
     s = _sigmas(sigmas)
     for i in range(len(s) - 1):
-        x = _denoise(denoiser, x, s[i], cond)
+        x = denoise_at(denoiser, x, s[i], cond)
         _report(callback, i, x, s, x)
         if s[i + 1] > 0:
             x = x + s[i + 1] * noise_like(x, generator)
