@@ -1,8 +1,12 @@
 """The control stage on an exact Gaussian-mixture denoiser: inpainting, RePaint, SDEdit and inversion."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from difflab.cli import main
 from difflab.control import invert, repaint_segments, strength_sigmas
 from difflab.diffusion import GaussianMixture
 from difflab.sampling import SCHEDULES, sample
@@ -16,9 +20,10 @@ def two_modes() -> GaussianMixture:
     return GaussianMixture(means, 0.1, sample_shape=(1, 4, 4))
 
 
-def top_half_mask() -> torch.Tensor:
+def bottom_half_mask() -> torch.Tensor:
+    """Generate the bottom half, keep the top one."""
     mask = torch.zeros(1, 1, 4, 4)
-    mask[..., :2, :] = 1
+    mask[..., 2:, :] = 1
     return mask
 
 
@@ -34,7 +39,7 @@ def test_inpainting_keeps_the_known_pixels_exactly_and_resampling_harmonises(sol
     noise = torch.randn(known.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     scores = []
     for resample in (None, (2, 10)):
-        out = sample(gmm, noise, solver=solver, steps=12, init=known, mask=top_half_mask(), resample=resample,
+        out = sample(gmm, noise, solver=solver, steps=12, init=known, mask=bottom_half_mask(), resample=resample,
                      generator=torch.Generator().manual_seed(2))
         assert (out - known)[..., :2, :].abs().max() < 1e-12  # the known region, to float64 precision
         scores.append(agreement(out, known))
@@ -77,7 +82,7 @@ def test_repaint_walk_solves_every_block_resample_times_and_jumps_back_up():
     known = gmm.sample(8, torch.Generator().manual_seed(0))
     noise = torch.randn(known.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     steps = []
-    out = sample(counted, noise, solver="euler", steps=6, init=known, mask=top_half_mask(), resample=(3, 4),
+    out = sample(counted, noise, solver="euler", steps=6, init=known, mask=bottom_half_mask(), resample=(3, 4),
                  generator=torch.Generator().manual_seed(2), callback=steps.append)
     assert len(calls) == len(steps) == 4 * 6  # every step solved four times; jumps up cost nothing
     assert (out - known)[..., :2, :].abs().max() < 1e-12
@@ -119,3 +124,85 @@ def test_inversion_round_trips_and_refinement_makes_it_exact(solver):
         invert(gmm, image, grid, solver="dpmpp_2m")
     with pytest.raises(ValueError, match="decreasing to 0"):
         invert(gmm, image, grid.flip(0))
+
+
+# ------------------------------------------------------------------------------------------------ a trained run
+TINY = {
+    "model": {"arch": "unet", "channels": 16, "channel_mult": [1, 2], "blocks_per_level": 1,
+              "attention_resolutions": [], "head_dim": 16},
+    "data": {"dataset": "digits"},
+    "optim": {"lr": 0.002, "warmup_steps": 2},
+    "train": {"steps": 20, "batch": 32, "log_every": 5, "checkpoint_every": 100, "threads": 1, "ema_decays": [0.9]},
+    "sample": {"steps": 6, "n": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    from difflab.training import Trainer, resolve
+
+    run = tmp_path_factory.mktemp("control") / "run"
+    Trainer(resolve(TINY), run, progress=False).fit()
+    return run
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> dict:
+    """A digit, a mask that regenerates its bottom-right quarter, and a file that is not an image."""
+    from PIL import Image
+
+    from difflab.data import load_dataset
+
+    folder = tmp_path_factory.mktemp("pictures")
+    digit = ((load_dataset("digits").images[3, 0] + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(digit, "L").save(folder / "digit.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4:, 4:] = 255
+    Image.fromarray(mask, "L").save(folder / "mask.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return {"digit": folder / "digit.png", "mask": folder / "mask.png", "broken": folder / "broken.png",
+            "pixels": digit, "keep": mask == 0}
+
+
+def test_sample_cli_inpaints_and_edits_a_picture(digits_run, pictures, tmp_path, capsys):
+    out = tmp_path / "inpainted.npz"
+    assert main(["sample", str(digits_run), "--init-image", str(pictures["digit"]), "--mask", str(pictures["mask"]),
+                 "--n", "4", "--out", str(out), "--no-progress"]) == 0
+    images = np.load(out)["images"][..., 0]  # (4, 8, 8) uint8
+    keep = pictures["keep"]
+    assert (images[:, keep] == pictures["pixels"][keep]).all()  # the kept pixels, exactly
+    assert (images[:, ~keep] != pictures["pixels"][~keep]).any()
+    assert main(["sample", str(digits_run), "--init-image", str(pictures["digit"]), "--mask", str(pictures["mask"]),
+                 "--resample", "2,3", "--n", "2", "--out", str(tmp_path / "repaint.png"), "--no-progress"]) == 0
+    assert main(["sample", str(digits_run), "--init-image", str(pictures["digit"]), "--strength", "0.4", "--n", "2",
+                 "--out", str(tmp_path / "edited.png"), "--no-progress"]) == 0
+    assert (tmp_path / "repaint.png").is_file() and (tmp_path / "edited.png").is_file()
+
+
+def test_sample_cli_rejects_bad_control_input_in_one_line(digits_run, pictures, tmp_path, capsys):
+    base = ["sample", str(digits_run), "--out", str(tmp_path / "x.png"), "--no-progress"]
+    cases = [
+        (["--mask", str(pictures["mask"])], "need one"),
+        (["--init-image", str(pictures["broken"]), "--strength", "0.5"], "not a readable image"),
+        (["--init-image", str(tmp_path / "missing.png"), "--strength", "0.5"], "no image at"),
+        (["--init-image", str(pictures["digit"]), "--resample", "2,2"], "needs a mask"),
+    ]
+    for flags, message in cases:
+        assert main(base + flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    for flags in (["--strength", "1.5"], ["--strength", "x"], ["--resample", "2"], ["--resample", "0,3"]):
+        with pytest.raises(SystemExit):
+            main(base + flags)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_invert_cli_round_trips_a_picture(digits_run, pictures, tmp_path, capsys):
+    out = tmp_path / "inversion.npz"
+    assert main(["invert", str(digits_run), str(pictures["digit"]), "--steps", "50", "--out", str(out)]) == 0
+    result = np.load(out)
+    assert result["noise"].shape == (1, 1, 8, 8) and result["reconstruction"].shape == (1, 1, 8, 8)
+    assert float(result["psnr"]) > 30 and "PSNR" in capsys.readouterr().out
+    assert out.with_suffix(".png").is_file()
+    assert main(["invert", str(digits_run), str(pictures["broken"]), "--out", str(out)]) == 2
+    assert main(["invert", str(digits_run), str(pictures["digit"]), "--out", str(tmp_path / "x.png")]) == 2

@@ -93,6 +93,17 @@ def test_cached_latents_round_trip_and_train_a_latent_generator(autoencoder_run,
 
         images, _ = draw(run, 4)
         assert images.shape == (4, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+        assert run.image_shape == (1, 8, 8)
+        # Control in latent space: the kept pixels come back exactly (pasted after decoding); inversion round trips.
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., 5:, 5:] = 1
+        inpainted, _ = draw(run, 4, init=digits.images[:4], mask=mask)
+        torch.testing.assert_close(inpainted * (1 - mask), digits.images[:4] * (1 - mask))
+        assert not torch.allclose(inpainted * mask, digits.images[:4] * mask)
+        from difflab.training.run import invert_images
+
+        noise, back = invert_images(run, digits.images[:2], steps=8)
+        assert noise.shape == (2, 2, 4, 4) and back.shape == (2, 1, 8, 8)
         if name == "cached":
             from difflab.training.run import evaluate
 

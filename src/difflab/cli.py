@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -181,6 +182,52 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guide-with-ema", help="which EMA of the weaker run (default: its first) or 'none'")
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _resample(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected JUMP,COUNT (two positive integers), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _add_control_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("control (image-to-image, inpainting)")
+    group.add_argument("--init-image", type=Path, metavar="PNG",
+                       help="start from this picture (resized, centre-cropped)")
+    group.add_argument("--strength", type=_fraction, default=1.0,
+                       help="image-to-image: how much of the sampling runs from the noised init image, in (0, 1]")
+    group.add_argument("--mask", type=Path, metavar="PNG",
+                       help="inpaint: white is generated, black keeps the init image")
+    group.add_argument("--resample", type=_resample, metavar="JUMP,COUNT",
+                       help="inpaint with RePaint: solve every JUMP steps COUNT times (e.g. 2,10)")
+
+
+def _control_options(args: argparse.Namespace, run) -> dict:
+    """The control flags as draw() options: pictures read at the run's image size."""
+    from difflab.control.inputs import read_image, read_mask
+
+    channels, *_, resolution = run.image_shape
+    options = {}
+    if args.init_image is not None:
+        options["init"] = read_image(args.init_image, resolution, channels)
+    if args.mask is not None:
+        options["mask"] = read_mask(args.mask, resolution)
+    if args.strength != 1:
+        options["strength"] = args.strength
+    if args.resample is not None:
+        options["resample"] = args.resample
+    return options
+
+
 def _sample(args: argparse.Namespace) -> int:
     from difflab.training.run import load_run, write_samples
 
@@ -188,12 +235,44 @@ def _sample(args: argparse.Namespace) -> int:
         run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
         options = {k: getattr(args, k) for k in ("solver", "steps", "schedule") if getattr(args, k) is not None}
         options.update(_guidance_options(args))
+        options.update(_control_options(args, run))
         path = write_samples(run, args.out, n=args.n, class_label=args.class_label, seed=args.seed,
                              progress=not args.no_progress, **options)
     except (ValueError, FileNotFoundError) as exc:
         print(f"difflab sample: error: {exc}", file=sys.stderr)
         return 2
     print(f"difflab sample: {args.n} samples from {run.checkpoint} ({run.weights}) -> {path}")
+    return 0
+
+
+def _invert(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from difflab.control.inputs import read_image
+    from difflab.evaluation.metrics import psnr
+    from difflab.evaluation.plots import save_image_grid
+    from difflab.paths import replacing
+    from difflab.training.run import invert_images, load_run
+
+    try:
+        if args.out.suffix != ".npz":
+            raise ValueError(f"--out must end in .npz, got {args.out.name!r}")
+        run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
+        channels, *_, resolution = run.image_shape
+        image = read_image(args.image, resolution, channels)
+        noise, back = invert_images(run, image, steps=args.steps, solver=args.solver, refine=args.refine,
+                                    class_label=args.class_label)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"difflab invert: error: {exc}", file=sys.stderr)
+        return 2
+    quality = psnr(back, image)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(args.out) as tmp:
+        np.savez(tmp, noise=noise.numpy(), reconstruction=back.numpy(), psnr=quality)
+    picture = save_image_grid(torch.cat([image, back]), args.out.with_suffix(".png"), columns=2)
+    print(f"difflab invert: {args.image} -> noise and back through {args.steps} {args.solver} steps "
+          f"(refine {args.refine}): PSNR {quality:.2f} dB; wrote {args.out} and {picture} (image | reconstruction)")
     return 0
 
 
@@ -461,7 +540,23 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--out", type=Path, default=Path("samples.png"), help=".png grid or .npz archive")
     sampler.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_guidance_flags(sampler)
+    _add_control_flags(sampler)
     sampler.set_defaults(run=_sample)
+    inversion = verbs.add_parser("invert", help="invert a picture to noise through the ODE and back (for editing)")
+    inversion.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
+    inversion.add_argument("image", type=Path, help="the picture (resized and centre-cropped to the run's size)")
+    inversion.add_argument("--steps", type=_positive_int, default=50, help="solver steps (default: 50)")
+    inversion.add_argument("--solver", choices=["euler", "heun"], default="heun", help="the step run backwards")
+    inversion.add_argument("--refine", type=int, choices=range(0, 21), default=0, metavar="0..20",
+                           help="fixed-point iterations per step: an exact inverse of the sampling step")
+    inversion.add_argument("--class-label", type=_class_label, default=None,
+                           help="condition on this class (default: unconditional)")
+    inversion.add_argument("--ema", help="which EMA (default: the run's first) or 'none'")
+    inversion.add_argument("--checkpoint", type=_positive_int, help="the step to load (default: latest)")
+    inversion.add_argument("--out", type=Path, default=Path("inversion.npz"),
+                           help=".npz with noise, reconstruction and psnr; a .png beside it shows both pictures")
+    inversion.set_defaults(run=_invert)
+
     evaluate = verbs.add_parser("eval", help="sample a run and score it: Fréchet distance, precision/recall, ...")
     evaluate.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
     evaluate.add_argument("--n", type=_positive_int, default=2000, help="samples to score (default: 2000)")

@@ -24,14 +24,15 @@ Denoiser = Callable[..., torch.Tensor]
 
 
 def inpainted(denoiser: Denoiser, known: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> Denoiser:
-    """The denoiser that keeps ``known`` where ``mask`` is 1 (soft masks blend). ``known`` and ``noise`` are
-    batch-aligned with the samples or of batch 1; ``mask`` broadcasts against them (e.g. (B or 1, 1, H, W))."""
-    mask = check_mask(mask, known)
+    """The denoiser that generates where ``mask`` is 1 and keeps ``known`` where it is 0 (the convention of
+    diffusers and most tools: white is repainted; soft masks blend). ``known`` and ``noise`` are batch-aligned with
+    the samples or of batch 1; ``mask`` broadcasts against them (e.g. (B or 1, 1, H, W))."""
+    keep = 1 - check_mask(mask, known)
 
     def inpainting_denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         noised = known + rows(torch.as_tensor(sigma, device=x.device).expand(x.shape[0]), x) * noise
-        estimate = denoiser(torch.lerp(x, noised.to(x.dtype), mask.to(x.dtype)), sigma, **cond)
-        return torch.lerp(estimate, known.to(estimate.dtype), mask.to(estimate.dtype))
+        estimate = denoiser(torch.lerp(x, noised.to(x.dtype), keep.to(x.dtype)), sigma, **cond)
+        return torch.lerp(estimate, known.to(estimate.dtype), keep.to(estimate.dtype))
 
     return inpainting_denoiser
 
@@ -48,7 +49,7 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit an image of shape {tuple(image.shape)}")
     mask = mask.float()
     if mask.min() < 0 or mask.max() > 1:
-        raise ValueError("mask values must lie in [0, 1] (1 = keep the known image)")
+        raise ValueError("mask values must lie in [0, 1] (1 = generate, 0 = keep the known image)")
     return mask
 
 

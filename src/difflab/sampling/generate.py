@@ -10,6 +10,8 @@ from tqdm.auto import tqdm
 from difflab.conditioning import NULL_CLASS
 from difflab.sampling.sample import sample
 
+PER_SAMPLE = ("init", "mask", "control")  # pictures that steer each sample (difflab.control)
+
 
 def class_labels(n: int, class_label: int | str | None, num_classes: int) -> torch.Tensor | None:
     """Labels for n samples: one class, ``"balanced"`` (0, 1, ..., K-1, 0, ...), or the null class (None)."""
@@ -41,11 +43,19 @@ def generate(
     **sampling,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images clamped to [-1, 1] (n, *shape), labels or None). Sample i uses seed ``seed + i``, so the
-    images do not depend on the batch size. ``sampling`` goes to :func:`difflab.sampling.sample`."""
+    images do not depend on the batch size. ``sampling`` goes to :func:`difflab.sampling.sample`; its per-sample
+    pictures (``init``, ``mask``, ``control``) are one for all samples (batch 1) or one per sample (batch n)."""
     labels = class_labels(n, class_label, num_classes)
+    pictures = {key: sampling.pop(key) for key in PER_SAMPLE if sampling.get(key) is not None}
+    for key, value in pictures.items():
+        if value.shape[0] not in (1, n):
+            raise ValueError(f"{key} must hold 1 or {n} pictures, got {value.shape[0]}")
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling", unit="batch"):
         count = min(batch_size, n - start)
+        for key, value in pictures.items():
+            part = value.expand(count, *value.shape[1:]) if value.shape[0] == 1 else value[start : start + count]
+            sampling[key] = part.to(device)
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
         cond = {} if labels is None else {"class_labels": labels[start : start + count].to(device)}

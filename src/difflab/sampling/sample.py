@@ -60,7 +60,8 @@ def sample(
 
     Control (see :mod:`difflab.control`), with ``init`` an image batch-aligned with ``noise`` (or of batch 1):
     ``strength < 1`` is image-to-image (SDEdit): the last ``strength`` of the grid is solved from ``init`` noised to
-    its first sigma. ``mask`` (1 = keep) inpaints: the known region of ``init`` is kept by replacement, and
+    its first sigma. ``mask`` inpaints: where it is 1 the sample is generated, where 0 ``init`` is kept (by
+    replacement), and
     ``resample=(jump, count)`` adds RePaint's resampling.
     """
     if solver not in SOLVERS:
@@ -70,14 +71,14 @@ def sample(
     for name, value in cond.items():
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != noise.shape[0]:
             raise ValueError(f"conditioning {name!r} has batch {value.shape[0]}, noise has {noise.shape[0]}")
+    if resample is not None and mask is None:
+        raise ValueError("RePaint resampling needs a mask")
     if (mask is not None or strength != 1) != (init is not None):
         raise ValueError("an init image goes with image-to-image (strength < 1) or inpainting (a mask), and they "
                          "need one")
     if init is not None and (init.ndim != noise.ndim or init.shape[0] not in (1, noise.shape[0])
                              or init.shape[1:] != noise.shape[1:]):
         raise ValueError(f"init image of shape {tuple(init.shape)} does not fit samples of shape {tuple(noise.shape)}")
-    if resample is not None and mask is None:
-        raise ValueError("RePaint resampling needs a mask")
     if guidance is not None:
         from difflab.guidance import autoguided, guided
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from difflab.config import load_yaml
+from difflab.control import check_mask
 from difflab.diffusion import Precond
 from difflab.paths import replacing
 from difflab.representation.encoders import Encoder, load_encoder
@@ -37,6 +39,15 @@ class Run:
         m = self.config.model
         frames = (m["frames"],) if m.get("frames") else ()
         return (m["in_channels"], *frames, m["resolution"], m["resolution"])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of the pictures it makes (a latent run's: what its decoder returns)."""
+        if self.encoder is None:
+            return self.sample_shape
+        device = next(self.network.parameters()).device
+        with torch.no_grad():
+            return tuple(self.encoder.decode(torch.zeros(1, *self.sample_shape, device=device)).shape[1:])
 
     @property
     def num_classes(self) -> int:
@@ -67,7 +78,12 @@ def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None
 
 def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool = False, **options):
     """(images, labels) from a run with its ``sample:`` settings (``options`` override them); sample i uses
-    seed ``seed + i``. ``class_label="balanced"`` falls back to unconditional for unconditional models."""
+    seed ``seed + i``. ``class_label="balanced"`` falls back to unconditional for unconditional models.
+
+    Control options are pictures (batch 1 or n) at the run's image resolution: ``init`` with ``strength`` <
+    1 (image-to-image) or a ``mask`` (inpainting, 1 = generate; ``resample=(jump, count)`` for RePaint). A latent
+    run encodes them, generates wherever a latent pixel touches the mask, and pastes the kept pixels back after
+    decoding, so they come out exactly."""
     from difflab.sampling.generate import generate
 
     if is_autoencoder(run.config):
@@ -81,11 +97,47 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
     if run.config.model.get("guidance_embed"):
         options = _guidance_input(options)
     device = next(run.network.parameters()).device
+    init, mask = options.get("init"), options.get("mask")
+    if run.encoder is not None and init is not None:
+        options["init"] = torch.cat([run.encoder.encode(chunk.to(device)).cpu() for chunk in init.split(64)])
+        if mask is not None:
+            options["mask"] = F.adaptive_max_pool2d(check_mask(mask, init), run.sample_shape[-2:])
     images, labels = generate(run.model, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
                               seed=seed, device=device, progress=progress, **{**defaults, **options})
     if run.encoder is not None:
         images = torch.cat([run.encoder.decode(chunk.to(device)).cpu() for chunk in images.split(64)])
+        if mask is not None:
+            images = torch.lerp(images, init.to(images), 1 - check_mask(mask, init).to(images))
     return images, labels
+
+
+@torch.no_grad()
+def invert_images(run: Run, images: torch.Tensor, steps: int = 50, solver: str = "heun", refine: int = 0,
+                  class_label: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, reconstructions) of ``images`` (B, C, H, W) in [-1, 1]: deterministic ODE inversion on the run's
+    sampling schedule with ``steps`` steps (karras where the run's is ``optimized``), then sampling that noise back
+    (:func:`difflab.control.invert`); a latent run inverts the images' latents and decodes. ``class_label``
+    conditions both ways (default: the null class of a class-conditional model)."""
+    from difflab.control import invert
+    from difflab.sampling import SCHEDULES, sample
+    from difflab.sampling.generate import class_labels
+
+    if is_autoencoder(run.config):
+        raise ValueError("an autoencoder run reconstructs, it does not sample: use reconstruct()")
+    s = run.config.sample
+    schedule = "karras" if s.schedule == "optimized" else s.schedule
+    sigmas = SCHEDULES[schedule](steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+    device = next(run.network.parameters()).device
+    x = images.to(device)
+    x = run.encoder.encode(x) if run.encoder is not None else x
+    if tuple(x.shape[1:]) != run.sample_shape:
+        raise ValueError(f"images of shape {tuple(images.shape[1:])} do not fit this run's samples {run.sample_shape}")
+    labels = class_labels(x.shape[0], class_label, run.num_classes)
+    cond = {} if labels is None else {"class_labels": labels.to(device)}
+    noise = invert(run.model, x, sigmas, solver=solver, refine=refine, **cond)
+    back = sample(run.model, noise, solver=solver, sigmas=sigmas, **cond)
+    back = run.encoder.decode(back) if run.encoder is not None else back
+    return noise.cpu(), back.clamp(-1, 1).cpu()
 
 
 def _guidance_input(options: dict) -> dict:
