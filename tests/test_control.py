@@ -206,3 +206,87 @@ def test_invert_cli_round_trips_a_picture(digits_run, pictures, tmp_path, capsys
     assert out.with_suffix(".png").is_file()
     assert main(["invert", str(digits_run), str(pictures["broken"]), "--out", str(out)]) == 2
     assert main(["invert", str(digits_run), str(pictures["digit"]), "--out", str(tmp_path / "x.png")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------ ControlNet
+def test_a_new_controlnet_leaves_the_model_unchanged_and_scales_combine_linearly():
+    from difflab.control.pictures import CONTROL_PICTURES
+    from difflab.models import build_network
+
+    torch.manual_seed(0)
+    config = {"arch": "unet", "resolution": 8, "in_channels": 1, "channels": 16, "channel_mult": [1, 2],
+              "blocks_per_level": 1, "attention_resolutions": [4], "head_dim": 16, "num_classes": 10}
+    plain, controlled = build_network(config), build_network({**config, "controls": [1, 1]})
+    for p in plain.parameters():  # a "trained" base: no zero-initialised layers left
+        p.data.normal_(0, 0.05)
+    controlled.load_state_dict(plain.state_dict(), strict=False)
+    for net in controlled.controlnets:
+        net.copy_encoder(controlled)
+    x, c_noise, labels = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+    control = torch.cat([CONTROL_PICTURES["sobel"](x), CONTROL_PICTURES["mask"](x)], 1)
+    with torch.no_grad():
+        reference = plain(x, c_noise, class_labels=labels)
+        torch.testing.assert_close(controlled(x, c_noise, class_labels=labels, control=control), reference)
+        torch.testing.assert_close(controlled(x, c_noise, class_labels=labels), reference)  # no picture: the base
+        for p in controlled.controlnets.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        one = controlled(x, c_noise, class_labels=labels, control=control, control_scale=(1.0, 0.0)) - reference
+        two = controlled(x, c_noise, class_labels=labels, control=control, control_scale=(0.0, 1.0)) - reference
+        assert one.abs().max() > 1e-3 and two.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="2 channels in all at 8x8"):
+        controlled(x, c_noise, class_labels=labels, control=control[:, :1])
+    with pytest.raises(ValueError, match="got 3 control scales for 2"):
+        controlled(x, c_noise, class_labels=labels, control=control, control_scale=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="no ControlNet"):
+        plain(x, c_noise, class_labels=labels, control=control)
+
+
+def test_control_pictures_are_images_in_the_unit_range_and_edge_scores_are_one_on_themselves():
+    from difflab.control.pictures import CONTROL_PICTURES, edge_scores
+    from difflab.data import load_dataset
+
+    images = load_dataset("digits").images[:50]
+    for kind, make in CONTROL_PICTURES.items():
+        picture = make(images)
+        assert picture.shape[-2:] == images.shape[-2:] and picture.min() >= -1 and picture.max() <= 1, kind
+    edges = CONTROL_PICTURES["sobel"](images)
+    assert set(edges.unique().tolist()) == {-1.0, 1.0} and 0.2 < (edges > 0).float().mean() < 0.6
+    assert edge_scores(images, edges)["edge_f1"] == 1.0
+    assert edge_scores(images, -torch.ones_like(edges))["edge_f1"] == 0.0
+
+
+def test_finetune_trains_only_the_controlnet_and_samples_through_the_cli(digits_run, tmp_path, capsys):
+    from PIL import Image
+
+    from difflab.control.pictures import sobel_edges
+    from difflab.data import load_dataset
+    from difflab.training.run import load_run
+
+    out = tmp_path / "edges"
+    assert main(["finetune", str(digits_run), "--method", "controlnet", "--out", str(out), "--train-steps", "6",
+                 "--set", "train.log_every=1", "--set", "optim.warmup_steps=0", "--no-progress"]) == 0
+    base, tuned = load_run(digits_run), load_run(out, ema="none")  # it starts from the base's sampling weights
+    assert tuned.config.control.method == "controlnet" and tuned.config.model["controls"] == [1]
+    theirs = tuned.network.state_dict()
+    changed = [k for k, v in base.network.state_dict().items() if not torch.equal(v, theirs[k])]
+    assert changed == []  # the base is frozen
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in theirs.items() if "zero_" in k)  # it learned
+
+    edges = sobel_edges(load_dataset("digits").images[5:6])[0, 0]
+    Image.fromarray(((edges + 1) * 127.5).byte().numpy(), "L").save(tmp_path / "edges.png")
+    npz = tmp_path / "a.npz"
+    assert main(["sample", str(out), "--control", str(tmp_path / "edges.png"), "--n", "3", "--out", str(npz),
+                 "--no-progress"]) == 0
+    # The same ControlNet attached to its base run gives the same samples.
+    attached = tmp_path / "b.npz"
+    assert main(["sample", str(digits_run), "--control", str(tmp_path / "edges.png"), "--control-run", f"{out}:1",
+                 "--ema", "0.9", "--n", "3", "--out", str(attached), "--no-progress"]) == 0
+    own = main(["sample", str(out), "--control", str(tmp_path / "edges.png"), "--ema", "0.9", "--n", "3",
+                "--out", str(tmp_path / "c.npz"), "--no-progress"])
+    assert own == 0 and np.array_equal(np.load(attached)["images"], np.load(tmp_path / "c.npz")["images"])
+    capsys.readouterr()
+    assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "d.png"), "--no-progress"]) == 2
+    assert "one --control picture per ControlNet: 1 ControlNet(s), 0 picture(s)" in capsys.readouterr().err
+    assert main(["sample", str(digits_run), "--control-run", str(digits_run), "--control", str(tmp_path / "edges.png"),
+                 "--out", str(tmp_path / "e.png"), "--no-progress"]) == 2
+    assert "is not a ControlNet run" in capsys.readouterr().err

@@ -132,6 +132,17 @@ def _distill(args: argparse.Namespace) -> int:
     return _training("distill", work)
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from difflab.control.finetune import finetune
+
+    def work() -> None:
+        out = finetune(args.base, args.method, args.out, kind=args.control, train_steps=args.train_steps,
+                       overrides=args.set, resume=args.resume, progress=not args.no_progress)
+        print(f"difflab finetune: wrote {out} (sample it with difflab sample {out} --control PICTURE)")
+
+    return _training("finetune", work)
+
+
 def _class_label(text: str) -> int | str | None:
     if text in ("balanced", "none"):
         return None if text == "none" else text
@@ -209,14 +220,39 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
                        help="inpaint: white is generated, black keeps the init image")
     group.add_argument("--resample", type=_resample, metavar="JUMP,COUNT",
                        help="inpaint with RePaint: solve every JUMP steps COUNT times (e.g. 2,10)")
+    group.add_argument("--control", type=Path, action="append", default=[], metavar="PNG",
+                       help="a control picture per ControlNet: the run's own first, then each --control-run's")
+    group.add_argument("--control-run", type=_control_run, action="append", default=[], metavar="DIR[:WEIGHT]",
+                       help="attach the ControlNet of this fine-tuned run (difflab finetune), weighted (default 1)")
 
 
-def _control_options(args: argparse.Namespace, run) -> dict:
-    """The control flags as draw() options: pictures read at the run's image size."""
+def _control_run(text: str) -> tuple[Path, float]:
+    path, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DIR or DIR:WEIGHT, got {text!r}") from None
+
+
+def _control_options(args: argparse.Namespace, run) -> tuple[object, dict]:
+    """The run with any ControlNets attached, and the control flags as draw() options (pictures at its size)."""
+    import torch
+
+    from difflab.control.controlnet import attach_controlnets
     from difflab.control.inputs import read_image, read_mask
 
     channels, *_, resolution = run.image_shape
+    own = len(run.config.model.get("controls", ()))
+    if args.control_run:
+        run = attach_controlnets(run, [path for path, _ in args.control_run])
+    controls = run.config.model.get("controls", ())
     options = {}
+    if args.control or controls:
+        if len(args.control) != len(controls):
+            raise ValueError(f"give one --control picture per ControlNet: {len(controls)} ControlNet(s), "
+                             f"{len(args.control)} picture(s)")
+        options["control"] = torch.cat([read_image(path, resolution, c) for path, c in zip(args.control, controls)], 1)
+        options["control_scale"] = (1.0,) * own + tuple(weight for _, weight in args.control_run)
     if args.init_image is not None:
         options["init"] = read_image(args.init_image, resolution, channels)
     if args.mask is not None:
@@ -225,7 +261,7 @@ def _control_options(args: argparse.Namespace, run) -> dict:
         options["strength"] = args.strength
     if args.resample is not None:
         options["resample"] = args.resample
-    return options
+    return run, options
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -235,7 +271,8 @@ def _sample(args: argparse.Namespace) -> int:
         run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
         options = {k: getattr(args, k) for k in ("solver", "steps", "schedule") if getattr(args, k) is not None}
         options.update(_guidance_options(args))
-        options.update(_control_options(args, run))
+        run, control = _control_options(args, run)
+        options.update(control)
         path = write_samples(run, args.out, n=args.n, class_label=args.class_label, seed=args.seed,
                              progress=not args.no_progress, **options)
     except (ValueError, FileNotFoundError) as exc:
@@ -526,6 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--resume", action="store_true", help="keep finished students, continue unfinished ones")
     student.add_argument("--no-progress", action="store_true", help="no progress bar")
     student.set_defaults(run=_distill)
+    tune = verbs.add_parser("finetune", help="fine-tune a trained run: a ControlNet on its frozen weights")
+    tune.add_argument("base", type=Path, help="the base run directory")
+    tune.add_argument("--method", required=True, choices=["controlnet"], help="what to train")
+    tune.add_argument("--control", choices=["sobel", "mask", "lowres"], default="sobel",
+                      help="controlnet: the control pictures made from the training images (default: sobel edges)")
+    tune.add_argument("--out", type=Path, required=True, help="the fine-tune's run directory")
+    tune.add_argument("--train-steps", type=_positive_int, default=1000, help="optimizer steps (default: 1000)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the fine-tune's config, e.g. --set optim.lr=1e-4")
+    tune.add_argument("--resume", action="store_true", help="continue an unfinished fine-tune")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.set_defaults(run=_finetune)
+
     sampler = verbs.add_parser("sample", help="draw samples from a run directory (EMA weights by default)")
     sampler.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
     sampler.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")

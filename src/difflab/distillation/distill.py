@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.config import ConfigError, apply_overrides, load_yaml, to_dict
 from difflab.sampling import SCHEDULES
-from difflab.training.config import DISTILLATION_METHODS, resolve
-from difflab.training.trainer import Trainer
+from difflab.training.config import DISTILLATION_METHODS
+from difflab.training.derive import base_mapping, train_derived
 
 
 STUDENT_LR_FACTOR = 0.25  # students fine-tune a trained network: a quarter of the teacher's learning rate
@@ -34,21 +33,12 @@ def consistency_sigmas(steps: int, sigma_min: float, sigma_max: float) -> list[f
     return [*grid, 0.0]
 
 
-def _teacher_mapping(teacher: Path) -> dict:
-    if not (teacher / "config.yaml").is_file():
-        raise FileNotFoundError(f"{teacher} is not a run directory (no config.yaml)")
-    config = resolve(load_yaml(teacher / "config.yaml"))
-    if config.model.get("arch") == "autoencoder":
-        raise ConfigError(f"{teacher} is an autoencoder run; distill a generator")
-    return to_dict(config)
-
-
 def student_mapping(teacher: Path, method: str, *, train_steps: int, steps: int = 1,
                     teacher_sigmas: list[float] | None = None, teacher_solver: str = "euler",
                     lr: float | None = None) -> dict:
     """The config of a student of ``teacher`` (before ``--set`` overrides); ``lr`` defaults to a quarter of the
     teacher's."""
-    mapping = _teacher_mapping(teacher)
+    mapping = base_mapping(teacher)
     sample = mapping["sample"]
     distill = {"method": method, "teacher": str(teacher.resolve())}
     mapping["train"].update(steps=train_steps, sample_every=0, max_minutes=None)
@@ -75,13 +65,13 @@ def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1
         raise ValueError(f"steps and train_steps must be positive, got {steps} and {train_steps}")
     teacher, out = Path(teacher), Path(out)
     if method != "progressive":
-        _train(student_mapping(teacher, method, steps=steps, train_steps=train_steps), overrides, out, resume,
+        train_derived(student_mapping(teacher, method, steps=steps, train_steps=train_steps), overrides, out, resume,
                progress)
         return [out]
     if from_steps <= steps or from_steps % steps or (from_steps // steps) & (from_steps // steps - 1):
         raise ValueError(f"progressive distillation halves from --from-steps to --steps: {from_steps} must be "
                          f"{steps} times a power of two")
-    first = _teacher_mapping(teacher)
+    first = base_mapping(teacher)
     sample, lr = first["sample"], first["optim"]["lr"] * STUDENT_LR_FACTOR  # every stage: the first teacher's
     grid = SCHEDULES[sample["schedule"]](from_steps, sigma_min=sample["sigma_min"],
                                          sigma_max=sample["sigma_max"]).tolist()
@@ -94,23 +84,7 @@ def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1
         run_dir = out / f"steps-{n}"
         mapping = student_mapping(teacher, method, steps=n, train_steps=train_steps, teacher_sigmas=grid,
                                   teacher_solver=solver, lr=lr)
-        _train(mapping, overrides, run_dir, resume, progress)
+        train_derived(mapping, overrides, run_dir, resume, progress)
         students.append(run_dir)
         teacher, grid, solver, n = run_dir, grid[::2], "euler", n // 2
     return students
-
-
-def _train(mapping: dict, overrides: list[str], run_dir: Path, resume: bool, progress: bool) -> None:
-    """Train one student; with ``resume``, a finished one is kept and an unfinished one continued."""
-    config = resolve(apply_overrides(mapping, overrides))
-    finished = resume and _last_step(run_dir) >= config.train.steps
-    if not finished:
-        Trainer(config, run_dir, resume=resume and (run_dir / "config.yaml").exists(), progress=progress).fit()
-
-
-def _last_step(run_dir: Path) -> int:
-    from difflab.training import checkpoint as ckpt
-
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    return ckpt.read_json(latest / "trainer.json")["step"] if latest else -1
-

@@ -7,10 +7,17 @@ factorises space and time (Ho et al. 2022, "Video Diffusion Models"; Blattmann e
 Latents"): every frame goes through the image layers, and a zero-initialised temporal layer (attention
 along frames, or a convolution over time) follows each spatial block, so an image model is the video
 model's starting point and shares its code and weights.
+
+ControlNet (Zhang et al. 2023, "Adding conditional control to text-to-image diffusion models"): each entry of
+``controls`` adds a trainable copy of the encoder half (embedding, input convolution, down and middle units) whose
+input convolution also sees the control picture through a small zero-initialised hint encoder, and whose features
+join the U-Net's skip connections and middle output through zero-initialised 1x1 convolutions, so a new ControlNet
+leaves the model unchanged. Several ControlNets add their weighted residuals (``control_scale``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,6 +49,8 @@ class UNetConfig:
     num_classes: int = 0
     text_dim: int = 0
     guidance_embed: bool = False  # a guidance scale input: guidance-distilled students (Meng et al. 2023)
+    controls: tuple[int, ...] = ()  # one ControlNet per entry: the channels of its control picture
+    control_downsample: int = 1  # control pictures are this many times larger than x (a latent model's factor)
     temporal: str | None = None  # video form: "attention" or "conv" after each spatial block
     frames: int | None = None  # clip length for model-info; any length runs
     checkpointing: bool = False
@@ -52,6 +61,10 @@ class UNetConfig:
             raise ValueError(f"temporal must be attention, conv or null, got {self.temporal!r}")
         if self.resolution % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channel_mult) - 1}")
+        if any(c < 1 for c in self.controls):
+            raise ValueError(f"controls lists control-picture channels (positive), got {self.controls}")
+        if self.control_downsample < 1 or self.control_downsample & (self.control_downsample - 1):
+            raise ValueError(f"control_downsample must be a power of two, got {self.control_downsample}")
 
 
 class Context(NamedTuple):
@@ -204,6 +217,9 @@ class UNet(nn.Module):
                 res *= 2
         self.norm_out = group_norm(ch, c.norm_groups)
         self.conv_out = zero_init(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
+        self.skip_channels = [widths[0]] + [unit[0].conv.out_channels if isinstance(unit[0], Downsample)
+                                            else unit[0].conv2.out_channels for unit in self.down]
+        self.controlnets = nn.ModuleList(ControlNet(self, channels) for channels in c.controls)
         if c.channels_last:
             for module in self.modules():
                 if isinstance(module, nn.Conv2d):  # the temporal Conv3d keeps its layout
@@ -218,6 +234,8 @@ class UNet(nn.Module):
         text_mask: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | float | None = None,
+        control: torch.Tensor | None = None,
+        control_scale: float | tuple[float, ...] = 1.0,
     ) -> torch.Tensor:
         c = self.config
         x = _network_input(x, concat, c.concat_channels)
@@ -225,22 +243,12 @@ class UNet(nn.Module):
         if video and not c.temporal:
             raise ValueError("got a video batch (B, C, T, H, W) but this U-Net has no temporal layers (temporal: null)")
         frames = x.shape[2] if video else 1
-        if video:  # (B, C, T, H, W) -> (B*T, C, H, W): the spatial layers see every frame as an image.
-            x = x.transpose(1, 2).flatten(0, 1)
-        if c.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        emb, context, mask = self.embed(c_noise, class_labels, text, text_mask, guidance_scale)
-        if video:
-            emb, context, mask = (None if t is None else t.repeat_interleave(frames, 0) for t in (emb, context, mask))
-        ctx = Context(emb.to(x.dtype), context, mask, frames)
-
-        h = self.conv_in(x)
-        skips = [h]
-        for unit in self.down:
-            h = maybe_checkpoint(c.checkpointing, unit, h, ctx)
-            skips.append(h)
-        for unit in self.mid:
-            h = maybe_checkpoint(c.checkpointing, unit, h, ctx)
+        x = _frames_as_images(x, c.channels_last)
+        conditioning = (c_noise, class_labels, text, text_mask, guidance_scale)
+        ctx = _context(self.embed, conditioning, frames, x.dtype)
+        h, skips = _encoder(self, x, ctx)
+        if control is not None:  # a ControlNet run sampled without its control picture is its base model
+            h, skips = self._controlled(h, skips, x, conditioning, frames, control, control_scale)
         for unit in self.up:
             if isinstance(unit[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
@@ -249,6 +257,86 @@ class UNet(nn.Module):
         if video:
             out = out.unflatten(0, (-1, frames)).transpose(1, 2)
         return out
+
+    def _controlled(self, h, skips, x, conditioning, frames, control, control_scale):
+        """The skips and middle output plus every ControlNet's weighted residuals."""
+        if not self.controlnets:
+            raise ValueError("this U-Net has no ControlNet (model.controls is empty), so it takes no control=")
+        expected = sum(self.config.controls)
+        size = x.shape[-1] * self.config.control_downsample
+        if control.shape[1] != expected or control.shape[-1] != size or control.shape[-2] != size:
+            raise ValueError(f"this U-Net's ControlNets take control= pictures of {expected} channels in all at "
+                             f"{size}x{size}, got shape {tuple(control.shape)}")
+        scales = control_scale if isinstance(control_scale, tuple | list) else (control_scale,) * len(self.controlnets)
+        if len(scales) != len(self.controlnets):
+            raise ValueError(f"got {len(scales)} control scales for {len(self.controlnets)} ControlNets")
+        hints = _frames_as_images(control.to(x.dtype), False).split(list(self.config.controls), dim=1)
+        skips = list(skips)
+        for net, hint, scale in zip(self.controlnets, hints, scales):
+            if scale == 0:
+                continue
+            mid, residuals = net(x, hint, conditioning, frames)
+            h = h + scale * mid
+            skips = [s + scale * r for s, r in zip(skips, residuals)]
+        return h, skips
+
+
+class ControlNet(nn.Module):
+    """A trainable copy of a U-Net's encoder half, fed the control picture; returns the residuals that join the
+    U-Net's middle output and skip connections (Zhang et al. 2023, Fig. 3), all zero at initialisation."""
+
+    def __init__(self, unet: UNet, channels: int):
+        super().__init__()
+        c = unet.config
+        self.config = c
+        self.embed, self.conv_in = copy.deepcopy(unet.embed), copy.deepcopy(unet.conv_in)
+        self.down, self.mid = copy.deepcopy(unet.down), copy.deepcopy(unet.mid)
+        width = unet.conv_in.out_channels
+        layers: list[nn.Module] = [nn.Conv2d(channels, 16, 3, padding=1), nn.SiLU()]
+        for _ in range(c.control_downsample.bit_length() - 1):  # to the latent's resolution
+            layers += [nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.SiLU()]
+        self.hint = nn.Sequential(*layers, nn.Conv2d(16, 32, 3, padding=1), nn.SiLU(),
+                                  zero_init(nn.Conv2d(32, width, 3, padding=1)))
+        self.zero_skips = nn.ModuleList(zero_init(nn.Conv2d(ch, ch, 1)) for ch in unet.skip_channels)
+        self.zero_mid = zero_init(nn.Conv2d(self.mid[-1][0].conv2.out_channels, self.mid[-1][0].conv2.out_channels, 1))
+
+    def copy_encoder(self, unet: UNet) -> None:
+        """Start from the U-Net's (trained) encoder weights, as the paper does."""
+        for name in ("embed", "conv_in", "down", "mid"):
+            getattr(self, name).load_state_dict(getattr(unet, name).state_dict())
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, conditioning: tuple, frames: int):
+        ctx = _context(self.embed, conditioning, frames, x.dtype)
+        h, skips = _encoder(self, x, ctx, self.hint(hint))
+        return self.zero_mid(h), [zero(s) for zero, s in zip(self.zero_skips, skips)]
+
+
+def _frames_as_images(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W): the spatial layers see every frame as an image."""
+    if x.ndim == 5:
+        x = x.transpose(1, 2).flatten(0, 1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _context(embed: ConditionEmbedding, conditioning: tuple, frames: int, dtype: torch.dtype) -> Context:
+    emb, context, mask = embed(*conditioning)
+    if frames > 1:
+        emb, context, mask = (None if t is None else t.repeat_interleave(frames, 0) for t in (emb, context, mask))
+    return Context(emb.to(dtype), context, mask, frames)
+
+
+def _encoder(net: UNet | ControlNet, x: torch.Tensor, ctx: Context, hint: torch.Tensor | None = None):
+    """The encoder half: input convolution (plus a ControlNet's hint), down and middle units; (h, skips)."""
+    h = net.conv_in(x)
+    if hint is not None:
+        h = h + hint
+    skips = [h]
+    for unit in net.down:
+        h = maybe_checkpoint(net.config.checkpointing, unit, h, ctx)
+        skips.append(h)
+    for unit in net.mid:
+        h = maybe_checkpoint(net.config.checkpointing, unit, h, ctx)
+    return h, skips
 
 
 def _network_input(x: torch.Tensor, concat: torch.Tensor | None, channels: int) -> torch.Tensor:

@@ -188,6 +188,28 @@ class DistillConfig:
             raise ValueError(f"distill.guidance_range must be (low, high) with 0 <= low <= high, got {lo}, {hi}")
 
 
+CONTROL_METHODS = ("controlnet",)
+CONTROL_KINDS = ("sobel", "mask", "lowres")  # the control pictures a ControlNet learns (difflab.control.pictures)
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """A fine-tune of a trained base run (``difflab finetune`` writes it; see :mod:`difflab.control`). No method:
+    none."""
+
+    method: str | None = None  # controlnet: a ControlNet on the frozen base
+    base: str | None = None  # the base run directory whose weights the fine-tune starts from
+    kind: str = "sobel"  # controlnet: the control picture made from each training image (CONTROL_KINDS)
+
+    def __post_init__(self):
+        if self.method is None:
+            return
+        _choice("control.method", self.method, CONTROL_METHODS)
+        if self.base is None:
+            raise ValueError(f"control.method {self.method} needs control.base (a run directory)")
+        _choice("control.kind", self.kind, CONTROL_KINDS)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: dict = field(default_factory=dict)  # a network mapping (arch or preset plus keys), see models
@@ -198,6 +220,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # autoencoder runs only
     distill: DistillConfig = field(default_factory=DistillConfig)  # students only
+    control: ControlConfig = field(default_factory=ControlConfig)  # fine-tunes of a base run only
 
 
 def encoder_source(config: RunConfig, data) -> str | None:

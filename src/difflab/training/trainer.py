@@ -133,6 +133,12 @@ class Trainer:
                 from difflab.distillation import OBJECTIVES
 
                 objective = OBJECTIVES[config.distill.method]
+            elif config.control.method:  # a fine-tune: its objective loads the base run and freezes it
+                if self.world.size > 1 and t.distributed == "fsdp":
+                    raise ValueError("fine-tunes use train.distributed=ddp (the frozen base is not sharded)")
+                from difflab.control.objectives import OBJECTIVES
+
+                objective = OBJECTIVES[config.control.method]
             self.objective = objective(config, self.network, self.generator, config.model.get("num_classes", 0),
                                        on_the_fly)
         # Wrap first: FSDP replaces the parameters by shards, which the EMA and the optimizer must hold.
