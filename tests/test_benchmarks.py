@@ -175,3 +175,23 @@ def test_distillation_benchmark_smoke(distillation_module, tmp_path, capsys):
             "guidance student", "teacher/guided"} <= models
     student = next(row for row in result["rows"] if row["model"] == "guidance student")
     assert student["rmse_to_guided_teacher"] >= 0 and student["distill_minutes"] > 0
+
+
+@pytest.fixture
+def control_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "control")
+
+
+def test_control_benchmark_smoke(control_module, tmp_path, capsys):
+    out, figures = tmp_path / "control.json", tmp_path / "figures"
+    assert control_module.main(["--quick", "--work", str(tmp_path / "runs"), "--figures", str(figures),
+                                "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(row["kept_max_error"] < 1e-6 for row in result["inpainting"])  # kept pixels come back exactly
+    assert {row["method"] for row in result["inpainting"]} >= {"replacement", "repaint"}
+    assert [row["strength"] for row in result["img2img"]] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert {(row["solver"], row["refine"]) for row in result["inversion"]} == {
+        ("heun", 0), ("heun", 2), ("euler", 0), ("euler", 2)}
+    assert len(result["controlnet"]) == 2 and result["controlnet_fd_ratio"] > 0
+    assert sorted(p.name for p in figures.iterdir()) == [
+        "control_controlnet.png", "control_img2img.png", "control_inpainting.png", "control_inversion.png"]

@@ -7,7 +7,7 @@ import math
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,21 @@ def digits() -> ImageDataset:
     images = torch.from_numpy(data.images).float().div(8).sub(1)[:, None]  # (1797, 1, 8, 8) in [-1, 1]
     labels = torch.from_numpy(data.target).long()
     return ImageDataset("digits", images, labels, tuple(str(c) for c in data.target_names))
+
+
+HELD_OUT = 0.1  # digits-heldout: a fixed 10% of the digits (seed 0), never in digits-train
+
+
+def digits_train() -> ImageDataset:
+    """The digits without digits-heldout: train on it to evaluate on images the model never saw."""
+    train, _ = digits().split(HELD_OUT)
+    return replace(train, name="digits-train")
+
+
+def digits_heldout() -> ImageDataset:
+    """A fixed 10% of the digits (180 images), held out of digits-train."""
+    _, held_out = digits().split(HELD_OUT)
+    return replace(held_out, name="digits-heldout")
 
 
 FASHION_MNIST = Path(os.environ.get("DIFFLAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -127,7 +142,8 @@ def emoji() -> ImageDataset:
 
 
 DATASETS: dict[str, Callable[[], ImageDataset]] = {
-    "digits": digits, "moving-digits": moving_digits, "fashion-mnist": fashion_mnist, "emoji": emoji,
+    "digits": digits, "digits-train": digits_train, "digits-heldout": digits_heldout, "moving-digits": moving_digits,
+    "fashion-mnist": fashion_mnist, "emoji": emoji,
 }
 
 

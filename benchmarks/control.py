@@ -1,0 +1,207 @@
+"""The control stage on held-out digits: inpainting (replacement vs RePaint), image-to-image, ODE inversion and a
+ControlNet on Sobel edges, with a picture panel per method.
+
+A digits model (``configs/digits.yaml`` on ``digits-train``, ``--base-steps`` steps, or ``--base DIR``) is the base;
+every input comes from ``digits-heldout`` (180 images it never saw), unconditional (null class) unless noted, so
+the class must come from the picture. Classes are read by difflab's digit classifier (trained on all digits).
+
+- Inpainting: keep the top (or left) half, generate the rest; the error on the kept pixels, and how often the
+  completed digit is classified as the original. References: the classifier on the originals, and on the visible
+  half alone (the hidden half blanked to background): how far the visible half determines the class.
+- Image-to-image (SDEdit): PSNR to the input and how often the class is kept, against strength.
+- Inversion: PSNR of the image sampled back from its inverted noise, Heun and Euler, with and without refinement.
+- ControlNet: ``difflab finetune --method controlnet`` (``--controlnet-steps``) on the base; edge F1 and IoU of
+  samples against the held-out edges they were given, and Fréchet distance to ``digits-train``, against the
+  unconditioned base (both unconditional, ``--fd-n`` samples, the held-out edges repeated).
+
+    .venv/bin/python benchmarks/control.py --json out/bench/control.json
+    .venv/bin/python benchmarks/control.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.config import load_yaml
+from difflab.control.finetune import finetune
+from difflab.control.pictures import edge_scores, sobel_edges
+from difflab.data import load_dataset
+from difflab.evaluation import frechet_distance
+from difflab.evaluation.features import FeatureExtractor, feature_network
+from difflab.evaluation.plots import save_image_grid
+from difflab.sampling import SOLVERS
+from difflab.training import Trainer, resolve
+from difflab.training.run import draw, invert_images, load_run
+
+ROOT = Path(__file__).parents[1]
+PANEL = 10  # examples per panel row
+
+
+def half_mask(which: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """1 where the picture is generated: the bottom half ("top" kept) or the right half ("left" kept)."""
+    mask = torch.zeros(1, 1, *shape[-2:])
+    if which == "top":
+        mask[..., shape[-2] // 2 :, :] = 1
+    else:
+        mask[..., shape[-1] // 2 :] = 1
+    return mask
+
+
+def per_image_psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(4 / (x.double() - y.double()).flatten(1).square().mean(1).clamp_min(1e-20))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("out/bench/control"), help="run directories (reused)")
+    parser.add_argument("--base", type=Path, help="a digits run trained on digits-train (default: train one)")
+    parser.add_argument("--base-steps", type=int, default=3000, help="training steps of the base")
+    parser.add_argument("--controlnet-steps", type=int, default=1000, help="ControlNet fine-tuning steps")
+    parser.add_argument("--resample", default="2,5", help="RePaint's JUMP,COUNT")
+    parser.add_argument("--fd-n", type=int, default=1800, help="samples per Fréchet distance")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--figures", type=Path, default=Path("docs/figures"), help="folder for the panels")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps and samples")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    jump, count = (int(v) for v in args.resample.split(","))
+    held = load_dataset("digits-heldout")
+    images, labels = held.images, held.labels
+    if args.quick:
+        args.base_steps, args.controlnet_steps, args.fd_n = 4, 2, 40
+        images, labels = images[:20], labels[:20]
+    results: dict = {"command": " ".join(sys.argv), "device": f"CPU, {args.threads} threads", "n": len(images)}
+
+    def save() -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+
+    base_dir = args.base
+    if base_dir is None:
+        base_dir = args.work / "base"
+        if not (base_dir / "checkpoints" / f"step-{args.base_steps:07d}").is_dir():
+            config = load_yaml(ROOT / "configs" / "digits.yaml")
+            config["data"] = {"dataset": "digits-train"}
+            config["train"] = {**config["train"], "steps": args.base_steps, "sample_every": 0, "log_every": 100,
+                               "checkpoint_every": args.base_steps, "threads": args.threads}
+            Trainer(resolve(config), base_dir, resume=base_dir.exists(), progress=False).fit()
+    run = load_run(base_dir)
+    s = run.config.sample
+    sampling = {"solver": s.solver, "steps": 3 if args.quick else s.steps}
+    nfe = SOLVERS[s.solver].nfe(sampling["steps"])
+    results.update(base=str(base_dir), solver=s.solver, steps=sampling["steps"], nfe=nfe)
+    digits = load_dataset("digits")
+    extractor = FeatureExtractor.from_network(feature_network(digits.images, digits.labels))
+
+    def accuracy(pictures: torch.Tensor) -> float:
+        return (extractor.logits(pictures).argmax(1) == labels[: len(pictures)]).double().mean().item()
+
+    # --- inpainting -------------------------------------------------------------------------------------------
+    print(f"inpainting {len(images)} held-out digits ({s.solver}, {sampling['steps']} steps; RePaint {jump},{count})")
+    results["inpainting"] = []
+    panel = [images[:PANEL]]
+    print(f"{'kept':6s} {'method':12s} {'NFE':>5s} {'kept-pixel max error':>21s} {'class accuracy':>15s}")
+    for which in ("top", "left"):
+        mask = half_mask(which, images.shape)
+        visible = torch.lerp(images, torch.full_like(images, -1.0), mask)  # the hidden half as background
+        reference = {"kept": which, "method": "visible half only (reference)", "nfe": 0,
+                     "class_accuracy": accuracy(visible), "kept_max_error": 0.0}
+        results["inpainting"].append(reference)
+        rows = [visible[:PANEL]]
+        for method, options in (("replacement", {}), ("repaint", {"resample": (jump, count)})):
+            start = time.perf_counter()
+            out, _ = draw(run, len(images), class_label=None, init=images, mask=mask, **sampling, **options)
+            row = {"kept": which, "method": method, "nfe": nfe * (count if options else 1),
+                   "kept_max_error": ((out - images) * (1 - mask)).abs().max().item(),
+                   "class_accuracy": accuracy(out), "seconds": time.perf_counter() - start}
+            results["inpainting"].append(row)
+            rows.append(out[:PANEL])
+            print(f"{which:6s} {method:12s} {row['nfe']:5d} {row['kept_max_error']:21.2e} "
+                  f"{row['class_accuracy']:15.3f}", flush=True)
+        print(f"{which:6s} {'visible only':12s} {'':5s} {'':21s} {reference['class_accuracy']:15.3f}")
+        panel += rows
+    results["classifier_on_originals"] = accuracy(images)
+    print(f"classifier accuracy on the original held-out digits: {results['classifier_on_originals']:.3f}")
+    args.figures.mkdir(parents=True, exist_ok=True)
+    save_image_grid(torch.cat(panel), args.figures / "control_inpainting.png", columns=PANEL)
+    save()
+
+    # --- image-to-image ----------------------------------------------------------------------------------------
+    print("\nimage-to-image (SDEdit), unconditional")
+    results["img2img"] = []
+    panel = [images[:PANEL]]
+    for strength in (0.2, 0.4, 0.6, 0.8, 1.0):
+        options = {"init": images, "strength": strength} if strength < 1 else {}
+        out, _ = draw(run, len(images), class_label=None, **sampling, **options)
+        row = {"strength": strength, "psnr_to_input": per_image_psnr(out, images).mean().item(),
+               "class_kept": accuracy(out)}
+        results["img2img"].append(row)
+        panel.append(out[:PANEL])
+        print(f"strength {strength:.1f}: PSNR to input {row['psnr_to_input']:6.2f} dB, "
+              f"class kept {row['class_kept']:.3f}")
+    save_image_grid(torch.cat(panel), args.figures / "control_img2img.png", columns=PANEL)
+    save()
+
+    # --- inversion ---------------------------------------------------------------------------------------------
+    print("\ninversion (50 steps, unconditional), image -> noise -> image")
+    results["inversion"] = []
+    panel = [images[:PANEL]]
+    for solver in ("heun", "euler"):
+        for refine in (0, 2):
+            start = time.perf_counter()
+            noise, back = invert_images(run, images, steps=50, solver=solver, refine=refine)
+            quality = per_image_psnr(back, images)
+            row = {"solver": solver, "steps": 50, "refine": refine, "psnr_mean": quality.mean().item(),
+                   "psnr_min": quality.min().item(), "seconds": time.perf_counter() - start}
+            results["inversion"].append(row)
+            if solver == "heun" and refine == 0:
+                panel += [(noise[:PANEL] / 3).clamp(-1, 1), back[:PANEL]]
+            print(f"{solver:5s} refine {refine}: PSNR mean {row['psnr_mean']:6.2f} dB, min {row['psnr_min']:6.2f} dB",
+                  flush=True)
+    save_image_grid(torch.cat(panel), args.figures / "control_inversion.png", columns=PANEL)
+    save()
+
+    # --- ControlNet ---------------------------------------------------------------------------------------------
+    print(f"\nControlNet on Sobel edges ({args.controlnet_steps} steps)")
+    controlled = args.work / "controlnet"
+    start = time.perf_counter()
+    if not (controlled / "checkpoints" / f"step-{args.controlnet_steps:07d}").is_dir():
+        finetune(base_dir, "controlnet", controlled, kind="sobel", train_steps=args.controlnet_steps,
+                 overrides=["train.log_every=100", f"train.checkpoint_every={args.controlnet_steps}",
+                            f"train.threads={args.threads}"], resume=controlled.exists(), progress=False)
+    results["controlnet_minutes"] = (time.perf_counter() - start) / 60
+    tuned = load_run(controlled)
+    repeats = -(-args.fd_n // len(images))
+    edges = sobel_edges(images).repeat(repeats, 1, 1, 1)[: args.fd_n]
+    reference = load_dataset("digits-train")
+    real = extractor(reference.images)
+    results["controlnet"] = []
+    panel = [images[:PANEL], edges[:PANEL]]
+    for name, model, options in (("base, unconditioned", run, {}), ("ControlNet, held-out edges", tuned,
+                                                                      {"control": edges})):
+        out, _ = draw(run if model is run else tuned, args.fd_n, class_label=None, **sampling, **options)
+        row = {"model": name, **edge_scores(out, edges), "frechet_distance": frechet_distance(extractor(out), real)}
+        results["controlnet"].append(row)
+        panel.append(out[:PANEL])
+        print(f"{name:28s} edge F1 {row['edge_f1']:.3f}  IoU {row['edge_iou']:.3f}  FD {row['frechet_distance']:.3f}",
+              flush=True)
+    base_fd, control_fd = (r["frechet_distance"] for r in results["controlnet"])
+    results["controlnet_fd_ratio"] = control_fd / base_fd
+    print(f"FD ControlNet / unconditioned base: {results['controlnet_fd_ratio']:.2f} (target <= 1.2)")
+    save_image_grid(torch.cat(panel), args.figures / "control_controlnet.png", columns=PANEL)
+    save()
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
