@@ -290,3 +290,79 @@ def test_finetune_trains_only_the_controlnet_and_samples_through_the_cli(digits_
     assert main(["sample", str(digits_run), "--control-run", str(digits_run), "--control", str(tmp_path / "edges.png"),
                  "--out", str(tmp_path / "e.png"), "--no-progress"]) == 2
     assert "is not a ControlNet run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------ LoRA
+def test_lora_starts_as_the_identity_and_merges_exactly(tmp_path):
+    from difflab.control.lora import add_lora, lora_state_dict, merge_lora, save_lora
+    from difflab.models import build_network
+
+    torch.manual_seed(0)
+    config = {"arch": "unet", "resolution": 8, "in_channels": 1, "channels": 16, "channel_mult": [1, 2],
+              "blocks_per_level": 1, "attention_resolutions": [4], "head_dim": 16, "num_classes": 10}
+    plain, adapted = build_network(config), build_network(config)
+    for p in plain.parameters():
+        p.data.normal_(0, 0.05)
+    adapted.load_state_dict(plain.state_dict())
+    names = add_lora(adapted, rank=2, alpha=4.0)
+    assert any("attn" in n for n in names) and any("conv" in n for n in names)
+    assert not any(n.startswith(("embed", "conv_in", "conv_out")) for n in names)  # the default targets
+    x, c_noise, labels = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x, c_noise, class_labels=labels), plain(x, c_noise, class_labels=labels))
+        state = lora_state_dict(adapted)
+        assert state and all(".lora_" in k for k in state)
+        for value in state.values():
+            value.normal_(0, 0.1)
+        adapted.load_state_dict(state, strict=False)
+        wrapped = adapted(x, c_noise, class_labels=labels)
+    path = save_lora(tmp_path / "a.safetensors", state, 2, 4.0, config)
+    merge_lora(plain, config, path, strength=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, c_noise, class_labels=labels), wrapped, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="another model architecture"):
+        merge_lora(build_network({**config, "channels": 32}), {**config, "channels": 32}, path)
+    with pytest.raises(ValueError, match="no Linear or Conv2d"):
+        add_lora(build_network(config), 2, 2.0, targets=("nothing.*",))
+
+
+def test_finetune_lora_learns_a_handful_of_images_into_a_small_file(digits_run, tmp_path, capsys):
+    from PIL import Image
+
+    from difflab.data import load_dataset
+    from difflab.training.run import draw, load_run
+
+    folder = tmp_path / "sevens"
+    folder.mkdir()
+    digits = load_dataset("digits")
+    for i in (digits.labels == 7).nonzero()[:6, 0].tolist():
+        Image.fromarray(((digits.images[i, 0] + 1) * 127.5).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    out = tmp_path / "lora"
+    assert main(["finetune", str(digits_run), "--method", "lora", "--data", str(folder), "--out", str(out),
+                 "--train-steps", "8", "--rank", "2", "--set", "train.batch=6", "--set", "optim.warmup_steps=0",
+                 "--no-progress"]) == 0
+    adapter = out / "lora.safetensors"
+    model_file = next((out / "checkpoints").glob("step-*/model.safetensors"))
+    assert adapter.stat().st_size < model_file.stat().st_size / 4 and (out / "data" / "index.json").is_file()
+
+    # Strength 0 is the base, strength 1 the fine-tuned run; in between differs from both.
+    def pictures(run):
+        return draw(run, 4, class_label=None)[0]
+
+    base_images, tuned_images = pictures(load_run(digits_run)), pictures(load_run(out))
+    from difflab.control.lora import merge_lora
+
+    for strength, expected in ((0.0, base_images), (1.0, tuned_images)):
+        run = load_run(digits_run)
+        merge_lora(run.network, run.config.model, adapter, strength)
+        torch.testing.assert_close(pictures(run), expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(base_images, tuned_images, atol=1e-3)
+    assert main(["sample", str(digits_run), "--lora", f"{adapter}:0.7", "--n", "2", "--out",
+                 str(tmp_path / "s.png"), "--no-progress"]) == 0
+    capsys.readouterr()
+    for lora, message in ((tmp_path / "missing.safetensors", "no LoRA file"), (model_file, "not a difflab LoRA")):
+        assert main(["sample", str(digits_run), "--lora", str(lora), "--out", str(tmp_path / "x.png"),
+                     "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(digits_run), "--lora", f"{adapter}:strong"])

@@ -136,9 +136,15 @@ def _finetune(args: argparse.Namespace) -> int:
     from difflab.control.finetune import finetune
 
     def work() -> None:
-        out = finetune(args.base, args.method, args.out, kind=args.control, train_steps=args.train_steps,
-                       overrides=args.set, resume=args.resume, progress=not args.no_progress)
-        print(f"difflab finetune: wrote {out} (sample it with difflab sample {out} --control PICTURE)")
+        overrides = [*args.set, f"control.rank={args.rank}", f"control.alpha={args.alpha or args.rank}"]
+        out = finetune(args.base, args.method, args.out, kind=args.control, data=args.data,
+                       train_steps=args.train_steps, overrides=overrides, resume=args.resume,
+                       progress=not args.no_progress)
+        if args.method == "lora":
+            print(f"difflab finetune: wrote {out / 'lora.safetensors'} (difflab sample {args.base} --lora "
+                  f"{out / 'lora.safetensors'}:STRENGTH)")
+        else:
+            print(f"difflab finetune: wrote {out} (sample it with difflab sample {out} --control PICTURE)")
 
     return _training("finetune", work)
 
@@ -222,16 +228,18 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
                        help="inpaint with RePaint: solve every JUMP steps COUNT times (e.g. 2,10)")
     group.add_argument("--control", type=Path, action="append", default=[], metavar="PNG",
                        help="a control picture per ControlNet: the run's own first, then each --control-run's")
-    group.add_argument("--control-run", type=_control_run, action="append", default=[], metavar="DIR[:WEIGHT]",
+    group.add_argument("--control-run", type=_weighted_path, action="append", default=[], metavar="DIR[:WEIGHT]",
                        help="attach the ControlNet of this fine-tuned run (difflab finetune), weighted (default 1)")
+    group.add_argument("--lora", type=_weighted_path, action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help="merge this LoRA adapter (difflab finetune --method lora) at a strength (default 1)")
 
 
-def _control_run(text: str) -> tuple[Path, float]:
+def _weighted_path(text: str) -> tuple[Path, float]:
     path, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
     try:
         return Path(path), float(weight)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected DIR or DIR:WEIGHT, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected PATH or PATH:WEIGHT, got {text!r}") from None
 
 
 def _control_options(args: argparse.Namespace, run) -> tuple[object, dict]:
@@ -240,11 +248,14 @@ def _control_options(args: argparse.Namespace, run) -> tuple[object, dict]:
 
     from difflab.control.controlnet import attach_controlnets
     from difflab.control.inputs import read_image, read_mask
+    from difflab.control.lora import merge_lora
 
     channels, *_, resolution = run.image_shape
     own = len(run.config.model.get("controls", ()))
     if args.control_run:
         run = attach_controlnets(run, [path for path, _ in args.control_run])
+    for path, strength in args.lora:
+        merge_lora(run.network, run.config.model, path, strength)
     controls = run.config.model.get("controls", ())
     options = {}
     if args.control or controls:
@@ -563,11 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--resume", action="store_true", help="keep finished students, continue unfinished ones")
     student.add_argument("--no-progress", action="store_true", help="no progress bar")
     student.set_defaults(run=_distill)
-    tune = verbs.add_parser("finetune", help="fine-tune a trained run: a ControlNet on its frozen weights")
+    tune = verbs.add_parser("finetune", help="fine-tune a trained run: a ControlNet or a LoRA on its frozen weights")
     tune.add_argument("base", type=Path, help="the base run directory")
-    tune.add_argument("--method", required=True, choices=["controlnet"], help="what to train")
+    tune.add_argument("--method", required=True, choices=["controlnet", "lora"], help="what to train")
     tune.add_argument("--control", choices=["sobel", "mask", "lowres"], default="sobel",
                       help="controlnet: the control pictures made from the training images (default: sobel edges)")
+    tune.add_argument("--data", help="the images to learn: a folder of pictures (lora: a handful), a shard folder "
+                                     "or a built-in set (default: the base's data)")
+    tune.add_argument("--rank", type=_positive_int, default=4, help="lora: rank of the updates (default: 4)")
+    tune.add_argument("--alpha", type=float, help="lora: updates are scaled by alpha / rank (default: the rank)")
     tune.add_argument("--out", type=Path, required=True, help="the fine-tune's run directory")
     tune.add_argument("--train-steps", type=_positive_int, default=1000, help="optimizer steps (default: 1000)")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

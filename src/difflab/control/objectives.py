@@ -4,6 +4,7 @@ interface): the base run's denoising loss, with the base weights loaded and (but
 - ControlNet (Zhang et al. 2023): the U-Net's ControlNet copy starts from the base encoder and learns from (image,
   control picture) pairs made from the training images on the fly (:mod:`difflab.control.pictures`); everything
   else stays frozen.
+- LoRA (Hu et al. 2021): low-rank updates of the base's layers learn from a handful of images; the base is frozen.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from difflab.config import ConfigError
+from difflab.control.lora import LORA_KEY, add_lora
 from difflab.control.pictures import CONTROL_PICTURES
 from difflab.training.objectives import DiffusionObjective, Share
 
@@ -51,4 +53,16 @@ class ControlNetObjective(DiffusionObjective):
         return x0, noise, sigma, {**cond, "control": self.picture(images)}
 
 
-OBJECTIVES = {"controlnet": ControlNetObjective}
+class LoRAObjective(DiffusionObjective):
+    """Denoising on the fine-tune's images through the base with LoRA layers; only the adapters learn."""
+
+    def __init__(self, config, network: nn.Module, generator: torch.Generator, num_classes: int, encoder=None):
+        super().__init__(config, network, generator, num_classes, encoder)
+        load_base(network, config.control.base, ())
+        c = config.control
+        add_lora(network, c.rank, c.alpha, c.targets)
+        for name, parameter in network.named_parameters():
+            parameter.requires_grad_(LORA_KEY in name)
+
+
+OBJECTIVES = {"controlnet": ControlNetObjective, "lora": LoRAObjective}

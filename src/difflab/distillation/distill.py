@@ -22,7 +22,6 @@ from difflab.sampling import SCHEDULES
 from difflab.training.config import DISTILLATION_METHODS
 from difflab.training.derive import base_mapping, train_derived
 
-
 STUDENT_LR_FACTOR = 0.25  # students fine-tune a trained network: a quarter of the teacher's learning rate
 
 

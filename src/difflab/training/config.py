@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from difflab.config import ConfigError, apply_overrides, build, load_yaml
+from difflab.control.lora import DEFAULT_TARGETS
 from difflab.diffusion import LOSS_WEIGHTS, NOISE_LEVELS, PARAMETERIZATIONS
 from difflab.representation.losses import AutoencoderLossConfig
 from difflab.sampling import SCHEDULES, SOLVERS
@@ -188,7 +189,7 @@ class DistillConfig:
             raise ValueError(f"distill.guidance_range must be (low, high) with 0 <= low <= high, got {lo}, {hi}")
 
 
-CONTROL_METHODS = ("controlnet",)
+CONTROL_METHODS = ("controlnet", "lora")
 CONTROL_KINDS = ("sobel", "mask", "lowres")  # the control pictures a ControlNet learns (difflab.control.pictures)
 
 
@@ -200,6 +201,9 @@ class ControlConfig:
     method: str | None = None  # controlnet: a ControlNet on the frozen base
     base: str | None = None  # the base run directory whose weights the fine-tune starts from
     kind: str = "sobel"  # controlnet: the control picture made from each training image (CONTROL_KINDS)
+    rank: int = 4  # lora: the rank of each layer's update
+    alpha: float = 4.0  # lora: the update is scaled by alpha / rank
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # lora: fnmatch patterns of the layers that get an update
 
     def __post_init__(self):
         if self.method is None:
@@ -208,6 +212,10 @@ class ControlConfig:
         if self.base is None:
             raise ValueError(f"control.method {self.method} needs control.base (a run directory)")
         _choice("control.kind", self.kind, CONTROL_KINDS)
+        _positive("control.rank", self.rank)
+        _positive("control.alpha", self.alpha)
+        if not self.targets:
+            raise ValueError("control.targets must list at least one layer pattern")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,10 @@ def make_model(config: RunConfig, state: dict | None = None, device=None) -> nn.
     """What a run config trains, with the given weights (a network state dict): the denoiser ``Precond(network)``
     of a generator, or the autoencoder itself."""
     network = build_network(config.model)
+    if config.control.method == "lora":  # the adapter's layers, as its checkpoints hold them
+        from difflab.control.lora import add_lora
+
+        add_lora(network, config.control.rank, config.control.alpha, config.control.targets)
     if state is not None:
         network.load_state_dict(state)
     if is_autoencoder(config):
