@@ -366,3 +366,15 @@ def test_finetune_lora_learns_a_handful_of_images_into_a_small_file(digits_run, 
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", str(digits_run), "--lora", f"{adapter}:strong"])
+
+
+def test_a_corrupt_lora_file_fails_in_one_line(tmp_path):
+    from difflab.control.lora import merge_lora
+    from difflab.models import build_network
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage, not a header")
+    config = {"arch": "unet", "resolution": 8, "in_channels": 1, "channels": 16, "channel_mult": [1, 2],
+              "blocks_per_level": 1, "attention_resolutions": [], "head_dim": 16}
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        merge_lora(build_network(config), config, bad)

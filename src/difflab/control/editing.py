@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
@@ -43,11 +44,11 @@ def invert(
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
     grid = torch.as_tensor(sigmas, dtype=torch.float64).tolist()
-    if len(grid) < 3 or grid[-1] != 0 or any(b >= a for a, b in zip(grid, grid[1:])):
+    if len(grid) < 3 or grid[-1] != 0 or any(b >= a for a, b in pairwise(grid)):
         raise ValueError("inversion needs a sampling grid of at least 2 steps, decreasing to 0")
     up = grid[-2::-1]  # sigma_min ... sigma_max
     x = image
-    for i, (low, high) in enumerate(zip(up, up[1:])):
+    for i, (low, high) in enumerate(pairwise(up)):
         start = x
         x = _step(denoiser, start, low, high, solver, cond)
         for _ in range(refine):  # x <- x - (step down from x - start): a fixed point lands exactly on start

@@ -82,7 +82,7 @@ def save_lora(path: str | Path, state: dict[str, torch.Tensor], rank: int, alpha
 def merge_lora(network: nn.Module, model: dict, path: str | Path, strength: float = 1.0) -> None:
     """Add ``strength`` times the adapter at ``path`` into ``network``'s weights (a plain network of the config
     mapping ``model``); one line of error if the file is not an adapter for this architecture."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -91,7 +91,7 @@ def merge_lora(network: nn.Module, model: dict, path: str | Path, strength: floa
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
+    except SafetensorError as exc:
         raise ValueError(f"{path}: not a safetensors file ({exc})") from None
     if metadata.get("format") != "difflab-lora":
         raise ValueError(f"{path} is not a difflab LoRA file (no difflab-lora metadata)")
