@@ -378,3 +378,38 @@ def test_a_corrupt_lora_file_fails_in_one_line(tmp_path):
               "blocks_per_level": 1, "attention_resolutions": [], "head_dim": 16}
     with pytest.raises(ValueError, match="not a safetensors file"):
         merge_lora(build_network(config), config, bad)
+
+
+# -------------------------------------------------------------------------------------- mask-conditioned inpainting
+def test_random_boxes_cover_a_quarter_to_all_of_each_side():
+    from difflab.control.objectives import random_boxes
+
+    masks = random_boxes(500, (8, 8), torch.Generator().manual_seed(0))
+    assert masks.shape == (500, 1, 8, 8) and set(masks.unique().tolist()) == {0.0, 1.0}
+    rows, cols = masks.amax(3).sum((1, 2)), masks.amax(2).sum((1, 2))
+    assert rows.min() >= 2 and cols.min() >= 2 and (masks.sum((1, 2, 3)) == 64).any()
+    assert masks.sum((1, 2, 3)).tolist() == (rows * cols).tolist()  # one box each
+
+
+def test_finetune_inpaint_starts_as_the_base_and_samples_with_a_mask(digits_run, pictures, tmp_path, capsys):
+    from difflab.control.objectives import inpainting_input
+    from difflab.training.run import load_run
+
+    out = tmp_path / "inpaint"
+    assert main(["finetune", str(digits_run), "--method", "inpaint", "--out", str(out), "--train-steps", "1",
+                 "--set", "optim.lr=1e-12", "--no-progress"]) == 0
+    base, tuned = load_run(digits_run), load_run(out, ema="none")
+    assert tuned.config.model["concat_channels"] == 2
+    x, sigma = torch.randn(4, 1, 8, 8), torch.full((4,), 1.5)
+    known, mask = torch.randn(4, 1, 8, 8), torch.ones(4, 1, 8, 8)
+    with torch.no_grad():  # the new input channels start at zero: the base's denoiser, whatever they hold
+        torch.testing.assert_close(tuned.model(x, sigma, concat=inpainting_input(known, mask)), base.model(x, sigma),
+                                   atol=1e-5, rtol=1e-4)
+    npz = tmp_path / "filled.npz"
+    assert main(["sample", str(out), "--init-image", str(pictures["digit"]), "--mask", str(pictures["mask"]),
+                 "--n", "3", "--out", str(npz), "--no-progress"]) == 0
+    images = np.load(npz)["images"][..., 0]
+    assert (images[:, pictures["keep"]] == pictures["pixels"][pictures["keep"]]).all()
+    capsys.readouterr()
+    assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "x.png"), "--no-progress"]) == 2
+    assert "an inpainting run samples with an init image and a mask" in capsys.readouterr().err

@@ -60,6 +60,15 @@ def test_config_errors_name_the_key(overrides, message):
         resolve(TINY, overrides)
 
 
+def test_exponent_floats_read_as_numbers_in_overrides_and_files(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string; a learning rate written that way must still be a float."""
+    from difflab.config import load_yaml
+
+    assert resolve(TINY, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 3E-3\n  eps: 1e-8\nname: 1e\n")
+    assert load_yaml(tmp_path / "c.yaml") == {"optim": {"lr": 3e-3, "eps": 1e-8}, "name": "1e"}
+
+
 def test_resolved_config_fills_the_model_from_the_data_set_and_round_trips():
     config = resolve(TINY)
     assert config.model["in_channels"] == 1 and config.model["resolution"] == 8

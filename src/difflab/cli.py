@@ -574,9 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--resume", action="store_true", help="keep finished students, continue unfinished ones")
     student.add_argument("--no-progress", action="store_true", help="no progress bar")
     student.set_defaults(run=_distill)
-    tune = verbs.add_parser("finetune", help="fine-tune a trained run: a ControlNet or a LoRA on its frozen weights")
+    tune = verbs.add_parser("finetune", help="fine-tune a trained run: ControlNet, LoRA or mask-conditioned inpainting")
     tune.add_argument("base", type=Path, help="the base run directory")
-    tune.add_argument("--method", required=True, choices=["controlnet", "lora"], help="what to train")
+    tune.add_argument("--method", required=True, choices=["controlnet", "lora", "inpaint"],
+                      help="what to train: a ControlNet, a LoRA adapter or a mask-conditioned inpainting model")
     tune.add_argument("--control", choices=["sobel", "mask", "lowres"], default="sobel",
                       help="controlnet: the control pictures made from the training images (default: sobel edges)")
     tune.add_argument("--data", help="the images to learn: a folder of pictures (lora: a handful), a shard folder "

@@ -9,6 +9,7 @@ int, got 'x'``). Values that are impossible rather than mistyped are checked by 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,22 @@ import yaml
 
 class ConfigError(ValueError):
     """A config that cannot be run; the message names the key and the problem on one line."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, but ``1e-4`` is a float (YAML 1.2, and what anyone writing a learning rate means;
+    1.1 wants ``1.0e-4`` and reads ``1e-4`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def build(config_type: type, mapping: Mapping | None, prefix: str = ""):
@@ -96,7 +113,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"expected key=value (e.g. train.steps=100), got {text!r}")
     try:
-        return key.split("."), yaml.safe_load(value)
+        return key.split("."), _parse(value)
     except yaml.YAMLError:
         raise ConfigError(f"cannot parse the value of {text!r}") from None
 
@@ -124,7 +141,7 @@ def load_yaml(path: str | Path) -> dict:
     """A YAML file's top-level mapping, or a one-line :class:`ConfigError`."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

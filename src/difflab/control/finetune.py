@@ -11,6 +11,8 @@ naming the method and the base, so ``difflab sample`` uses it like any run:
   mode; or a shard folder or built-in set). The adapter alone is written to ``OUT/lora.safetensors`` (from the
   sampling EMA) for ``difflab sample BASE --lora OUT/lora.safetensors:STRENGTH``; ``OUT`` itself samples the
   base with the adapter at strength 1.
+- ``inpaint``: the whole network learns to inpaint from random boxes, with the mask and the masked sample as extra
+  input channels (zero-initialised, so it starts as the base); sample it with ``--init-image`` and ``--mask``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def finetune_mapping(base: Path, method: str, *, kind: str = "sobel", train_step
         channels, *_, size = run.image_shape
         mapping["model"].update(controls=[control_channels(kind, channels)],
                                 control_downsample=size // run.sample_shape[-1])
+    elif method == "inpaint":
+        if mapping["model"].get("concat_channels"):
+            raise ValueError("the base run already takes concatenated input channels")
+        mapping["model"]["concat_channels"] = mapping["model"]["in_channels"] + 1  # the mask and the masked sample
     return mapping
 
 

@@ -5,6 +5,8 @@ interface): the base run's denoising loss, with the base weights loaded and (but
   control picture) pairs made from the training images on the fly (:mod:`difflab.control.pictures`); everything
   else stays frozen.
 - LoRA (Hu et al. 2021): low-rank updates of the base's layers learn from a handful of images; the base is frozen.
+- Mask-conditioned inpainting (as Stable Diffusion's inpainting model, Rombach et al. 2022): the network also sees
+  the mask and the masked sample as extra input channels, zero-initialised, and learns on random boxes.
 """
 
 from __future__ import annotations
@@ -18,11 +20,22 @@ from difflab.control.pictures import CONTROL_PICTURES
 from difflab.training.objectives import DiffusionObjective, Share
 
 
-def load_base(network: nn.Module, base: str, allowed_missing: tuple[str, ...]) -> None:
-    """Load a base run's weights into ``network``; only parameters under ``allowed_missing`` may be new."""
+def load_base(network: nn.Module, base: str, allowed_missing: tuple[str, ...], widen_inputs: bool = False) -> None:
+    """Load a base run's weights into ``network``; only parameters under ``allowed_missing`` may be new. With
+    ``widen_inputs``, a layer that takes more input channels (dim 1) than the base's keeps the base weights for the
+    leading ones and zeros for the new ones, so the new inputs start ignored."""
     from difflab.training.run import load_run
 
     state = load_run(base, device=next(network.parameters()).device).network.state_dict()
+    if widen_inputs:
+        own = network.state_dict()
+        for key, value in state.items():
+            mine = own.get(key)
+            if mine is not None and value.ndim >= 2 and mine.shape[1] > value.shape[1] and \
+                    (mine.shape[0], *mine.shape[2:]) == (value.shape[0], *value.shape[2:]):
+                widened = torch.zeros_like(mine)
+                widened[:, : value.shape[1]] = value
+                state[key] = widened
     try:
         missing, unexpected = network.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a parameter of another shape
@@ -65,4 +78,43 @@ class LoRAObjective(DiffusionObjective):
             parameter.requires_grad_(LORA_KEY in name)
 
 
-OBJECTIVES = {"controlnet": ControlNetObjective, "lora": LoRAObjective}
+class InpaintObjective(DiffusionObjective):
+    """Denoising with ``concat=`` (mask, masked sample) for random boxes (1 = generated, 0 = kept); the whole
+    network learns, from the base's weights with zero weights for the new input channels."""
+
+    def __init__(self, config, network: nn.Module, generator: torch.Generator, num_classes: int, encoder=None):
+        super().__init__(config, network, generator, num_classes, encoder)
+        load_base(network, config.control.base, (), widen_inputs=True)
+
+    def draw(self, batch: int, sample_shape, step: int) -> dict:
+        if sample_shape is None:
+            raise ConfigError("an inpainting fine-tune needs samples of one size (no aspect-ratio buckets)")
+        return {**super().draw(batch, sample_shape, step), "masks": random_boxes(batch, sample_shape[-2:],
+                                                                                  self.generator)}
+
+    def prepare(self, images: torch.Tensor, labels, draws: dict, share: Share):
+        x0, noise, sigma, cond = super().prepare(images, labels, draws, share)
+        return x0, noise, sigma, {**cond, "concat": inpainting_input(x0, draws["masks"][share.whole].to(x0.device))}
+
+
+def inpainting_input(known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What a mask-conditioned network sees besides x: the mask (1 = generate) and the known sample where it is
+    kept (0 elsewhere), (B, 1 + C, H, W)."""
+    mask = mask.to(known.dtype)
+    return torch.cat([mask.expand(known.shape[0], 1, *known.shape[2:]), known * (1 - mask)], 1)
+
+
+def random_boxes(batch: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """(batch, 1, H, W) masks: one random box each, a quarter to all of each side (so some are everything)."""
+    height, width = size
+    extent = torch.rand(batch, 2, generator=generator) * 0.75 + 0.25
+    corner = torch.rand(batch, 2, generator=generator)
+    rows, cols = torch.arange(height)[None, :], torch.arange(width)[None, :]
+    box_h, box_w = (extent[:, 0] * height).ceil()[:, None], (extent[:, 1] * width).ceil()[:, None]
+    top, left = (corner[:, 0:1] * (height - box_h + 1)).floor(), (corner[:, 1:2] * (width - box_w + 1)).floor()
+    inside_rows = (rows >= top) & (rows < top + box_h)
+    inside_cols = (cols >= left) & (cols < left + box_w)
+    return (inside_rows[:, :, None] & inside_cols[:, None, :]).float()[:, None]
+
+
+OBJECTIVES = {"controlnet": ControlNetObjective, "lora": LoRAObjective, "inpaint": InpaintObjective}

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from difflab.conditioning import NULL_CLASS
 from difflab.sampling.sample import sample
 
-PER_SAMPLE = ("init", "mask", "control")  # pictures that steer each sample (difflab.control)
+PER_SAMPLE = ("init", "mask", "control", "concat")  # pictures that steer each sample (difflab.control)
 
 
 def class_labels(n: int, class_label: int | str | None, num_classes: int) -> torch.Tensor | None:
@@ -44,7 +44,8 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images clamped to [-1, 1] (n, *shape), labels or None). Sample i uses seed ``seed + i``, so the
     images do not depend on the batch size. ``sampling`` goes to :func:`difflab.sampling.sample`; its per-sample
-    pictures (``init``, ``mask``, ``control``) are one for all samples (batch 1) or one per sample (batch n)."""
+    pictures (``init``, ``mask``, ``control``, ``concat``) are one for all samples (batch 1) or one per sample
+    (batch n)."""
     labels = class_labels(n, class_label, num_classes)
     pictures = {key: sampling.pop(key) for key in PER_SAMPLE if sampling.get(key) is not None}
     for key, value in pictures.items():

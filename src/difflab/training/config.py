@@ -189,7 +189,7 @@ class DistillConfig:
             raise ValueError(f"distill.guidance_range must be (low, high) with 0 <= low <= high, got {lo}, {hi}")
 
 
-CONTROL_METHODS = ("controlnet", "lora")
+CONTROL_METHODS = ("controlnet", "lora", "inpaint")
 CONTROL_KINDS = ("sobel", "mask", "lowres")  # the control pictures a ControlNet learns (difflab.control.pictures)
 
 
@@ -198,7 +198,7 @@ class ControlConfig:
     """A fine-tune of a trained base run (``difflab finetune`` writes it; see :mod:`difflab.control`). No method:
     none."""
 
-    method: str | None = None  # controlnet: a ControlNet on the frozen base
+    method: str | None = None  # controlnet, lora (both on the frozen base) or inpaint (mask-conditioned, all trained)
     base: str | None = None  # the base run directory whose weights the fine-tune starts from
     kind: str = "sobel"  # controlnet: the control picture made from each training image (CONTROL_KINDS)
     rank: int = 4  # lora: the rank of each layer's update

@@ -354,7 +354,10 @@ class Trainer:
 
     def save_samples(self) -> Path | None:
         """A grid in ``samples/`` from the first EMA: samples (balanced over classes, decoded from latents in
-        stage 2), or an autoencoder's reconstructions under the originals."""
+        stage 2), or an autoencoder's reconstructions under the originals. None for an inpainting fine-tune, which
+        samples only with a picture and a mask."""
+        if self.config.control.method == "inpaint":
+            return None
         state, name = self._sampling_weights()
         path = None
         if self.world.main:
