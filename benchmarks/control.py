@@ -5,8 +5,9 @@ A digits model (``configs/digits.yaml`` on ``digits-train``, ``--base-steps`` st
 every input comes from ``digits-heldout`` (180 images it never saw), unconditional (null class) unless noted, so
 the class must come from the picture. Classes are read by difflab's digit classifier (trained on all digits).
 
-- Inpainting: keep the top (or left) half, generate the rest; the error on the kept pixels, and how often the
-  completed digit is classified as the original. References: the classifier on the originals, and on the visible
+- Inpainting: keep the top (or left) half, generate the rest, by replacement, RePaint, and a mask-conditioned
+  fine-tune of the base (``--inpaint-steps``); the error on the kept pixels, and how often the completed digit is
+  classified as the original. References: the classifier on the originals, and on the visible
   half alone (the hidden half blanked to background): how far the visible half determines the class.
 - Image-to-image (SDEdit): PSNR to the input and how often the class is kept, against strength.
 - Inversion: PSNR of the image sampled back from its inverted noise, Heun and Euler, with and without refinement.
@@ -21,6 +22,7 @@ the class must come from the picture. Classes are read by difflab's digit classi
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base", type=Path, help="a digits run trained on digits-train (default: train one)")
     parser.add_argument("--base-steps", type=int, default=3000, help="training steps of the base")
     parser.add_argument("--controlnet-steps", type=int, default=1000, help="ControlNet fine-tuning steps")
+    parser.add_argument("--inpaint-steps", type=int, default=1000,
+                        help="fine-tuning steps of the mask-conditioned inpainting model")
     parser.add_argument("--resample", default="2,5", help="RePaint's JUMP,COUNT")
     parser.add_argument("--fd-n", type=int, default=1800, help="samples per Fréchet distance")
     parser.add_argument("--threads", type=int, default=2)
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     held = load_dataset("digits-heldout")
     images, labels = held.images, held.labels
     if args.quick:
-        args.base_steps, args.controlnet_steps, args.fd_n = 4, 2, 40
+        args.base_steps, args.controlnet_steps, args.inpaint_steps, args.fd_n = 4, 2, 2, 40
         images, labels = images[:20], labels[:20]
     results: dict = {"command": " ".join(sys.argv), "device": f"CPU, {args.threads} threads", "n": len(images)}
 
@@ -104,8 +108,20 @@ def main(argv=None) -> int:
     def accuracy(pictures: torch.Tensor) -> float:
         return (extractor.logits(pictures).argmax(1) == labels[: len(pictures)]).double().mean().item()
 
+    def tuned(method: str, steps: int, **options) -> tuple[Path, float]:
+        """A fine-tune of the base (reused when it exists), and its training minutes."""
+        out = args.work / method
+        if not (out / "checkpoints" / f"step-{steps:07d}").is_dir():
+            settings = ["train.log_every=100", f"train.checkpoint_every={steps}", f"train.threads={args.threads}"]
+            finetune(base_dir, method, out, train_steps=steps, resume=out.exists(), progress=False,
+                     overrides=settings, **options)
+        with open(out / "metrics.csv") as f:
+            return out, float(list(csv.DictReader(f))[-1]["minutes"])
+
     # --- inpainting -------------------------------------------------------------------------------------------
-    print(f"inpainting {len(images)} held-out digits ({s.solver}, {sampling['steps']} steps; RePaint {jump},{count})")
+    inpainter, results["inpaint_minutes"] = tuned("inpaint", args.inpaint_steps)
+    print(f"inpainting {len(images)} held-out digits ({s.solver}, {sampling['steps']} steps; RePaint {jump},{count}; "
+          f"mask-conditioned model fine-tuned {args.inpaint_steps} steps)")
     results["inpainting"] = []
     panel = [images[:PANEL]]
     print(f"{'kept':6s} {'method':12s} {'NFE':>5s} {'kept-pixel max error':>21s} {'class accuracy':>15s}")
@@ -116,9 +132,10 @@ def main(argv=None) -> int:
                      "class_accuracy": accuracy(visible), "kept_max_error": 0.0}
         results["inpainting"].append(reference)
         rows = [visible[:PANEL]]
-        for method, options in (("replacement", {}), ("repaint", {"resample": (jump, count)})):
+        for method, model, options in (("replacement", run, {}), ("repaint", run, {"resample": (jump, count)}),
+                                       ("mask-conditioned", load_run(inpainter), {})):
             start = time.perf_counter()
-            out, _ = draw(run, len(images), class_label=None, init=images, mask=mask, **sampling, **options)
+            out, _ = draw(model, len(images), class_label=None, init=images, mask=mask, **sampling, **options)
             row = {"kept": which, "method": method, "nfe": nfe * (count if options else 1),
                    "kept_max_error": ((out - images) * (1 - mask)).abs().max().item(),
                    "class_accuracy": accuracy(out), "seconds": time.perf_counter() - start}
@@ -171,23 +188,17 @@ def main(argv=None) -> int:
 
     # --- ControlNet ---------------------------------------------------------------------------------------------
     print(f"\nControlNet on Sobel edges ({args.controlnet_steps} steps)")
-    controlled = args.work / "controlnet"
-    start = time.perf_counter()
-    if not (controlled / "checkpoints" / f"step-{args.controlnet_steps:07d}").is_dir():
-        finetune(base_dir, "controlnet", controlled, kind="sobel", train_steps=args.controlnet_steps,
-                 overrides=["train.log_every=100", f"train.checkpoint_every={args.controlnet_steps}",
-                            f"train.threads={args.threads}"], resume=controlled.exists(), progress=False)
-    results["controlnet_minutes"] = (time.perf_counter() - start) / 60
-    tuned = load_run(controlled)
+    controlled, results["controlnet_minutes"] = tuned("controlnet", args.controlnet_steps, kind="sobel")
+    controlnet = load_run(controlled)
     repeats = -(-args.fd_n // len(images))
     edges = sobel_edges(images).repeat(repeats, 1, 1, 1)[: args.fd_n]
     reference = load_dataset("digits-train")
     real = extractor(reference.images)
     results["controlnet"] = []
     panel = [images[:PANEL], edges[:PANEL]]
-    for name, model, options in (("base, unconditioned", run, {}), ("ControlNet, held-out edges", tuned,
-                                                                      {"control": edges})):
-        out, _ = draw(run if model is run else tuned, args.fd_n, class_label=None, **sampling, **options)
+    for name, model, options in (("base, unconditioned", run, {}),
+                                 ("ControlNet, held-out edges", controlnet, {"control": edges})):
+        out, _ = draw(model, args.fd_n, class_label=None, **sampling, **options)
         row = {"model": name, **edge_scores(out, edges), "frechet_distance": frechet_distance(extractor(out), real)}
         results["controlnet"].append(row)
         panel.append(out[:PANEL])
