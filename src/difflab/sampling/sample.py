@@ -61,8 +61,7 @@ def sample(
     Control (see :mod:`difflab.control`), with ``init`` an image batch-aligned with ``noise`` (or of batch 1):
     ``strength < 1`` is image-to-image (SDEdit): the last ``strength`` of the grid is solved from ``init`` noised to
     its first sigma. ``mask`` inpaints: where it is 1 the sample is generated, where 0 ``init`` is kept (by
-    replacement), and
-    ``resample=(jump, count)`` adds RePaint's resampling.
+    replacement), and ``resample=(jump, count)`` adds RePaint's resampling.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
