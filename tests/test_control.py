@@ -38,13 +38,14 @@ def test_inpainting_keeps_the_known_pixels_exactly_and_resampling_harmonises(sol
     known = gmm.sample(64, torch.Generator().manual_seed(0))
     noise = torch.randn(known.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     scores = []
-    for resample in (None, (2, 10)):
-        out = sample(gmm, noise, solver=solver, steps=12, init=known, mask=bottom_half_mask(), resample=resample,
-                     generator=torch.Generator().manual_seed(2))
+    for options in ({}, {"resample": (2, 10)}, {"reconstruction": 0.25}):
+        out = sample(gmm, noise, solver=solver, steps=12, init=known, mask=bottom_half_mask(),
+                     generator=torch.Generator().manual_seed(2), **options)
         assert (out - known)[..., :2, :].abs().max() < 1e-12  # the known region, to float64 precision
         scores.append(agreement(out, known))
-    # Replacement alone decides the mode while the known half is still drowned in noise; RePaint fixes that.
-    assert 0.7 < scores[0] < scores[1] and scores[1] >= 0.95, scores
+    # Replacement alone decides the mode while the known half is still drowned in noise; RePaint's resampling and
+    # reconstruction guidance fix that.
+    assert 0.7 < scores[0] < min(scores[1:]) and min(scores[1:]) >= 0.95, scores
 
 
 def test_soft_masks_blend_and_bad_masks_fail_clearly():
@@ -63,8 +64,12 @@ def test_soft_masks_blend_and_bad_masks_fail_clearly():
         sample(gmm, noise, steps=4, init=known)  # an init image that would do nothing
     with pytest.raises(ValueError, match="does not fit"):
         sample(gmm, noise, steps=4, init=torch.zeros(2, 1, 4, 5), strength=0.5)
-    with pytest.raises(ValueError, match="needs a mask"):
+    with pytest.raises(ValueError, match="need a mask"):
         sample(gmm, noise, steps=4, init=known, strength=0.5, resample=(2, 2))
+    with pytest.raises(ValueError, match="need a mask"):
+        sample(gmm, noise, steps=4, init=known, strength=0.5, reconstruction=1.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        sample(gmm, noise, steps=4, init=known, mask=half, reconstruction=-1.0)
 
 
 def test_repaint_walk_solves_every_block_resample_times_and_jumps_back_up():
@@ -174,6 +179,9 @@ def test_sample_cli_inpaints_and_edits_a_picture(digits_run, pictures, tmp_path,
     assert (images[:, ~keep] != pictures["pixels"][~keep]).any()
     assert main(["sample", str(digits_run), "--init-image", str(pictures["digit"]), "--mask", str(pictures["mask"]),
                  "--resample", "2,3", "--n", "2", "--out", str(tmp_path / "repaint.png"), "--no-progress"]) == 0
+    assert main(["sample", str(digits_run), "--init-image", str(pictures["digit"]), "--mask", str(pictures["mask"]),
+                 "--reconstruction-guidance", "2", "--n", "2", "--out", str(tmp_path / "guided.png"),
+                 "--no-progress"]) == 0
     assert main(["sample", str(digits_run), "--init-image", str(pictures["digit"]), "--strength", "0.4", "--n", "2",
                  "--out", str(tmp_path / "edited.png"), "--no-progress"]) == 0
     assert (tmp_path / "repaint.png").is_file() and (tmp_path / "edited.png").is_file()
@@ -185,7 +193,7 @@ def test_sample_cli_rejects_bad_control_input_in_one_line(digits_run, pictures, 
         (["--mask", str(pictures["mask"])], "need one"),
         (["--init-image", str(pictures["broken"]), "--strength", "0.5"], "not a readable image"),
         (["--init-image", str(tmp_path / "missing.png"), "--strength", "0.5"], "no image at"),
-        (["--init-image", str(pictures["digit"]), "--resample", "2,2"], "needs a mask"),
+        (["--init-image", str(pictures["digit"]), "--resample", "2,2"], "need a mask"),
     ]
     for flags, message in cases:
         assert main(base + flags) == 2

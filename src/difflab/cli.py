@@ -226,6 +226,8 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
                        help="inpaint: white is generated, black keeps the init image")
     group.add_argument("--resample", type=_resample, metavar="JUMP,COUNT",
                        help="inpaint with RePaint: solve every JUMP steps COUNT times (e.g. 2,10)")
+    group.add_argument("--reconstruction-guidance", type=float, default=0.0, metavar="W",
+                       help="inpaint: steer the generated region by its agreement with the kept one (e.g. 2)")
     group.add_argument("--control", type=Path, action="append", default=[], metavar="PNG",
                        help="a control picture per ControlNet: the run's own first, then each --control-run's")
     group.add_argument("--control-run", type=_weighted_path, action="append", default=[], metavar="DIR[:WEIGHT]",
@@ -272,6 +274,8 @@ def _control_options(args: argparse.Namespace, run) -> tuple[object, dict]:
         options["strength"] = args.strength
     if args.resample is not None:
         options["resample"] = args.resample
+    if args.reconstruction_guidance:
+        options["reconstruction"] = args.reconstruction_guidance
     return run, options
 
 

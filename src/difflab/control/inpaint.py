@@ -5,6 +5,9 @@
   current sigma with a fixed noise, and its estimate of that region is the known image itself. Every solver then
   keeps the known region on the path ``known + sigma * noise`` and ends on the known pixels exactly: a solver's
   final sample is an affine combination of denoiser estimates.
+- Reconstruction guidance (Ho et al. 2022, "Video diffusion models", Eq. 7), optional: the generated region is
+  also steered by the gradient of the estimate's error on the known region, which replacement alone never feeds
+  back (see :func:`inpainted`).
 - RePaint's resampling (Lugmayr et al. 2022, Alg. 1 and Sec. 4.2): after every ``jump`` steps down the sampling grid,
   the sample is re-noised back up ``jump`` steps and the segment solved again, ``resample`` times in all, so the
   generated region harmonises with the known one. Each segment down is one call of a registered solver; each jump
@@ -23,15 +26,36 @@ from difflab.sampling.solvers import SOLVERS, Generator, noise_like, rows
 Denoiser = Callable[..., torch.Tensor]
 
 
-def inpainted(denoiser: Denoiser, known: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> Denoiser:
+def inpainted(denoiser: Denoiser, known: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
+              reconstruction: float = 0.0, sigma_data: float = 0.5) -> Denoiser:
     """The denoiser that generates where ``mask`` is 1 and keeps ``known`` where it is 0 (the convention of
     diffusers and most tools: white is repainted; soft masks blend). ``known`` and ``noise`` are batch-aligned with
-    the samples or of batch 1; ``mask`` broadcasts against them (e.g. (B or 1, 1, H, W))."""
+    the samples or of batch 1; ``mask`` broadcasts against them (e.g. (B or 1, 1, H, W)).
+
+    ``reconstruction`` w > 0 adds reconstruction guidance (Ho et al. 2022, "Video diffusion models", Eq. 7): the
+    generated region's estimate moves along ``-grad_x |known - D(x)|^2`` over the kept region, so it agrees with
+    what the model would have predicted there. With p(x0 | x) ~ N(D(x), r^2), r^2 = sigma^2 sigma_data^2 /
+    (sigma^2 + sigma_data^2), the likelihood's score gives the weight ``w (sigma^2 + sigma_data^2) /
+    (2 sigma_data^2)`` (w = 1: the Gaussian approximation; larger w follows the kept region harder). It costs one
+    backward pass through the network per evaluation. The correction grows with sigma^2: multistep solvers with
+    few large steps (dpmpp_2m_sde at 12 steps and w >= 0.5 on a test mixture) can turn unstable; more steps or a
+    smaller w fix it."""
     keep = 1 - check_mask(mask, known)
 
     def inpainting_denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        noised = known + rows(torch.as_tensor(sigma, device=x.device).expand(x.shape[0]), x) * noise
-        estimate = denoiser(torch.lerp(x, noised.to(x.dtype), keep.to(x.dtype)), sigma, **cond)
+        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        noised = known + rows(sigma, x) * noise
+        x = torch.lerp(x, noised.to(x.dtype), keep.to(x.dtype))
+        if not reconstruction:
+            estimate = denoiser(x, sigma, **cond)
+        else:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                estimate = denoiser(x, sigma, **cond)
+                error = (keep * (estimate - known)).square().sum()
+                (gradient,) = torch.autograd.grad(error, x)
+            weight = reconstruction * (sigma.square() + sigma_data**2) / (2 * sigma_data**2)
+            estimate = estimate.detach() - rows(weight, x) * (1 - keep) * gradient
         return torch.lerp(estimate, known.to(estimate.dtype), keep.to(estimate.dtype))
 
     return inpainting_denoiser

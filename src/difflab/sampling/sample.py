@@ -43,6 +43,7 @@ def sample(
     strength: float = 1.0,
     mask: torch.Tensor | None = None,
     resample: tuple[int, int] | None = None,
+    reconstruction: float = 0.0,
     **cond,
 ) -> torch.Tensor:
     """Draw samples: scale ``noise ~ N(0, I)`` to sigma_max and solve down to 0 (DESIGN.md contract).
@@ -61,7 +62,8 @@ def sample(
     Control (see :mod:`difflab.control`), with ``init`` an image batch-aligned with ``noise`` (or of batch 1):
     ``strength < 1`` is image-to-image (SDEdit): the last ``strength`` of the grid is solved from ``init`` noised to
     its first sigma. ``mask`` inpaints: where it is 1 the sample is generated, where 0 ``init`` is kept (by
-    replacement), and ``resample=(jump, count)`` adds RePaint's resampling.
+    replacement), ``resample=(jump, count)`` adds RePaint's resampling and ``reconstruction=w`` reconstruction
+    guidance.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -70,8 +72,10 @@ def sample(
     for name, value in cond.items():
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != noise.shape[0]:
             raise ValueError(f"conditioning {name!r} has batch {value.shape[0]}, noise has {noise.shape[0]}")
-    if resample is not None and mask is None:
-        raise ValueError("RePaint resampling needs a mask")
+    if (resample is not None or reconstruction) and mask is None:
+        raise ValueError("RePaint resampling and reconstruction guidance need a mask")
+    if reconstruction < 0:
+        raise ValueError(f"reconstruction guidance must be >= 0, got {reconstruction}")
     if (mask is not None or strength != 1) != (init is not None):
         raise ValueError("an init image goes with image-to-image (strength < 1) or inpainting (a mask), and they "
                          "need one")
@@ -102,7 +106,7 @@ def sample(
         from difflab.control import inpainted, repaint, repaint_segments
 
         if mask is not None:
-            denoiser = inpainted(denoiser, init.to(noise), mask.to(noise.device), noise)
+            denoiser = inpainted(denoiser, init.to(noise), mask.to(noise.device), noise, reconstruction)
         if resample is not None:
             jump, count = resample
             solve = partial(repaint, jump=jump, resample=count, solver=solver, solver_options=solver_options)
