@@ -12,6 +12,8 @@ the class must come from the picture. Classes are read by difflab's digit classi
   reference is that 10-NN vote itself.
 - Image-to-image (SDEdit): PSNR to the input and how often the class is kept, against strength.
 - Inversion: PSNR of the image sampled back from its inverted noise, Heun and Euler, with and without refinement.
+- LoRA: a rank-4 adapter fine-tuned on eight training sevens (``--lora-steps``); how many unconditional samples
+  are sevens at strengths 0, 0.5 and 1.
 - ControlNet: ``difflab finetune --method controlnet`` (``--controlnet-steps``) on the base; edge F1 and IoU of
   samples against the held-out edges they were given, and Fréchet distance to ``digits-train``, against the
   unconditioned base (both unconditional, ``--fd-n`` samples, the held-out edges repeated).
@@ -30,8 +32,10 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from difflab.config import load_yaml
+from difflab.control import merge_lora
 from difflab.control.finetune import finetune
 from difflab.control.pictures import edge_scores, sobel_edges
 from difflab.data import load_dataset
@@ -70,6 +74,7 @@ def main(argv=None) -> int:
                         help="fine-tuning steps of the mask-conditioned inpainting model")
     parser.add_argument("--resample", default="2,5", help="RePaint's JUMP,COUNT")
     parser.add_argument("--reconstruction", type=float, default=2.0, help="reconstruction guidance weight")
+    parser.add_argument("--lora-steps", type=int, default=200, help="LoRA fine-tuning steps")
     parser.add_argument("--fd-n", type=int, default=1800, help="samples per Fréchet distance")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"), help="folder for the panels")
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
     held = load_dataset("digits-heldout")
     images, labels = held.images, held.labels
     if args.quick:
-        args.base_steps, args.controlnet_steps, args.inpaint_steps, args.fd_n = 4, 2, 2, 40
+        args.base_steps, args.controlnet_steps, args.inpaint_steps, args.lora_steps, args.fd_n = 4, 2, 2, 2, 40
         images, labels = images[:20], labels[:20]
     results: dict = {"command": " ".join(sys.argv), "device": f"CPU, {args.threads} threads", "n": len(images)}
 
@@ -110,11 +115,12 @@ def main(argv=None) -> int:
     def accuracy(pictures: torch.Tensor) -> float:
         return (extractor.logits(pictures).argmax(1) == labels[: len(pictures)]).double().mean().item()
 
-    def tuned(method: str, steps: int, **options) -> tuple[Path, float]:
+    def tuned(method: str, steps: int, *overrides: str, **options) -> tuple[Path, float]:
         """A fine-tune of the base (reused when it exists), and its training minutes."""
         out = args.work / method
         if not (out / "checkpoints" / f"step-{steps:07d}").is_dir():
-            settings = ["train.log_every=100", f"train.checkpoint_every={steps}", f"train.threads={args.threads}"]
+            settings = ["train.log_every=100", f"train.checkpoint_every={steps}", f"train.threads={args.threads}",
+                        *overrides]
             finetune(base_dir, method, out, train_steps=steps, resume=out.exists(), progress=False,
                      overrides=settings, **options)
         with open(out / "metrics.csv") as f:
@@ -205,6 +211,31 @@ def main(argv=None) -> int:
             print(f"{solver:5s} refine {refine}: PSNR mean {row['psnr_mean']:6.2f} dB, min {row['psnr_min']:6.2f} dB",
                   flush=True)
     save_image_grid(torch.cat(panel), args.figures / "control_inversion.png", columns=PANEL)
+    save()
+
+    # --- LoRA ---------------------------------------------------------------------------------------------------
+    sevens = args.work / "lora-images"  # a handful of training sevens: the "style" the adapter learns
+    if not sevens.is_dir():
+        sevens.mkdir(parents=True)
+        train = load_dataset("digits-train")
+        for i in (train.labels == 7).nonzero()[:8, 0].tolist():
+            pixels = ((train.images[i, 0] + 1) * 127.5).round().byte().numpy()
+            Image.fromarray(pixels, "L").save(sevens / f"{i}.png")
+    adapter, results["lora_minutes"] = tuned("lora", args.lora_steps, "train.batch=8", data=sevens)
+    print(f"\nLoRA (rank 4) on {len(list(sevens.iterdir()))} sevens, {args.lora_steps} steps: unconditional samples "
+          "classified as 7")
+    results["lora"] = []
+    panel = []
+    for strength in (0.0, 0.5, 1.0):
+        model = load_run(base_dir)
+        merge_lora(model.network, model.config.model, adapter / "lora.safetensors", strength)
+        out, _ = draw(model, len(images), class_label=None, **sampling)
+        row = {"strength": strength, "sevens": (extractor.logits(out).argmax(1) == 7).double().mean().item()}
+        results["lora"].append(row)
+        panel.append(out[:PANEL])
+        print(f"strength {strength:.1f}: {row['sevens']:.3f} sevens", flush=True)
+    results["lora_file_bytes"] = (adapter / "lora.safetensors").stat().st_size
+    save_image_grid(torch.cat(panel), args.figures / "control_lora.png", columns=PANEL)
     save()
 
     # --- ControlNet ---------------------------------------------------------------------------------------------

@@ -195,5 +195,7 @@ def test_control_benchmark_smoke(control_module, tmp_path, capsys):
     assert {(row["solver"], row["refine"]) for row in result["inversion"]} == {
         ("heun", 0), ("heun", 2), ("euler", 0), ("euler", 2)}
     assert len(result["controlnet"]) == 2 and result["controlnet_fd_ratio"] > 0
+    assert [row["strength"] for row in result["lora"]] == [0.0, 0.5, 1.0] and result["lora_file_bytes"] > 0
     assert sorted(p.name for p in figures.iterdir()) == [
-        "control_controlnet.png", "control_img2img.png", "control_inpainting.png", "control_inversion.png"]
+        "control_controlnet.png", "control_img2img.png", "control_inpainting.png", "control_inversion.png",
+        "control_lora.png"]
