@@ -136,6 +136,12 @@ def test_resume_after_stop_continues_the_same_losses(tmp_path):
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
     train(tmp_path / "fresh", resume=True)  # nothing to resume yet: starts from step 0
     assert losses(tmp_path / "fresh") == losses(tmp_path / "whole")
+    killed = tmp_path / "killed-before-its-first-log"
+    killed.mkdir()
+    (killed / "config.yaml").write_text(yaml.safe_dump(TINY))
+    (killed / "metrics.csv").write_text("")  # created, no header yet
+    train(killed, resume=True)
+    assert losses(killed) == losses(tmp_path / "whole")
 
 
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_losses(tmp_path):

@@ -433,7 +433,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = [row for row in reader if int(row["step"]) <= step]
+        fields = reader.fieldnames or METRICS  # read here: an empty file (killed before its header) has none
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=reader.fieldnames or METRICS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
