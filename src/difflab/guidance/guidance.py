@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from difflab.conditioning import null_condition
+from difflab.sampling.solvers import rows
 
 Denoiser = Callable[..., torch.Tensor]
 METHODS = ("cfg", "apg")
@@ -138,11 +139,6 @@ def _config(config: GuidanceConfig | float | Sequence[float] | torch.Tensor) -> 
     return config if isinstance(config, GuidanceConfig) else GuidanceConfig(scale=config)
 
 
-def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ...) broadcastable against ``like``."""
-    return values.view(-1, *[1] * (like.ndim - 1))
-
-
 def _weight(config: GuidanceConfig, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-sample guidance weight (B,): the scale inside the guidance interval, 1 (no guidance) outside it."""
     batch = sigma.shape[0]
@@ -207,16 +203,18 @@ def _combine(
 ) -> torch.Tensor:
     """The guided x0 estimate, computed in at least float32 and returned in the denoiser's dtype."""
     dtype = torch.promote_types(positive.dtype, torch.float32)
-    pos, neg, w = positive.to(dtype), negative.to(dtype), _rows(weight.to(dtype), positive)
+    pos, neg = positive.to(dtype), negative.to(dtype)
+    w = rows(weight, pos)
     if config.method == "apg":
         out = pos + (w - 1) * _apg_update(pos - neg, pos, config)
     else:
         out = torch.lerp(neg, pos, w)
     if config.rescale:
         # CFG rescale on u = x / (1 + sigma^2) - D, proportional to v (module docstring).
-        anchor = x.to(dtype) / (1 + _rows(sigma.to(dtype), x).square())
+        x = x.to(dtype)
+        anchor = x / (1 + rows(sigma, x).square())
         u_pos, u = anchor - pos, anchor - out
-        ratio = _rows(u_pos.flatten(1).std(1) / u.flatten(1).std(1), x)
+        ratio = rows(u_pos.flatten(1).std(1) / u.flatten(1).std(1), x)
         out = out + config.rescale * (1 - ratio) * u
     return out.to(positive.dtype)
 
@@ -224,8 +222,8 @@ def _combine(
 def _apg_update(update: torch.Tensor, positive: torch.Tensor, config: GuidanceConfig) -> torch.Tensor:
     """APG's update (Sadat et al. 2024): norm capped at r, then the part parallel to ``positive`` times eta."""
     if config.apg_threshold is not None:
-        norm = _rows(update.flatten(1).norm(dim=1), update)
+        norm = rows(update.flatten(1).norm(dim=1), update)
         update = update * (config.apg_threshold / norm).clamp(max=1)
     direction = torch.nn.functional.normalize(positive.flatten(1), dim=1).view_as(positive)
-    parallel = _rows((update * direction).flatten(1).sum(1), update) * direction
+    parallel = rows((update * direction).flatten(1).sum(1), update) * direction
     return update - parallel + config.apg_eta * parallel
