@@ -279,6 +279,7 @@ def test_distill_errors_are_one_line(teacher, tmp_path, capsys, args, message):
     assert main(["distill", str(teacher), "--out", str(tmp_path / "s"), "--no-progress", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "s" / "config.yaml").exists()  # a run that never started leaves no run behind
     with pytest.raises(SystemExit):
         main(["distill", str(teacher), "--out", str(tmp_path / "s"), "--method", "reflow"])
 

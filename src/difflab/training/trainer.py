@@ -108,9 +108,9 @@ class Trainer:
             raise ValueError(f"train.batch {t.batch} is not divisible by accumulation x processes "
                              f"({t.accumulation} x {self.world.size})")
         self.checkpoints = self.run_dir / "checkpoints"
-        if self.world.main:
-            self._prepare_run_dir(resume)
-        self.world.barrier()
+        if not resume and (self.run_dir / "config.yaml").exists():
+            raise FileExistsError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
+                                  "or choose another --run-dir")
 
         self.loader = open_loader(config.data.dataset, t.batch // t.accumulation, seed=t.seed, rank=self.world.rank,
                                   world_size=self.world.size, workers=config.data.workers)
@@ -154,17 +154,18 @@ class Trainer:
             weight_decay=config.optim.weight_decay, **_fused(self.world.device),
         )
         self.step, self.elapsed, self.images, self.logs = 0, 0.0, 0, {}
+        # Written only now: a run that fails to set up (a bad teacher, a model that does not fit) leaves nothing.
+        if self.world.main:
+            self._prepare_run_dir()
+        self.world.barrier()
         if resume:
             self._load(ckpt.latest_checkpoint(self.checkpoints))
         if t.compile:
             self.model = torch.compile(self.model)
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and (self.run_dir / "config.yaml").exists():
-            raise FileExistsError(f"run directory {self.run_dir} already holds a run; pass --resume to continue it "
-                                  "or choose another --run-dir")
         ckpt.remove_partial(self.checkpoints)
         write_atomic(self.run_dir / "config.yaml", config_yaml(self.config))
         (self.run_dir / "samples").mkdir(exist_ok=True)
