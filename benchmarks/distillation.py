@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=4000, help="training steps of the teacher")
     parser.add_argument("--stage-steps", type=int, default=1000, help="optimizer steps per progressive stage")
     parser.add_argument("--consistency-steps", type=int, default=3000, help="consistency distillation steps")
+    parser.add_argument("--middle-sigmas", type=lambda t: [float(v) for v in t.split(",")], default=[0.4, 0.8, 1.5],
+                        help="2-step consistency sampling also tries sigmas (max, m, 0) for each m")
     parser.add_argument("--guidance-steps", type=int, default=1500, help="guidance distillation steps")
     parser.add_argument("--scales", default="1.5,2,3", help="guidance scales of the guidance comparison")
     parser.add_argument("--methods", default="progressive,consistency,guidance", help="which students to distil")
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
         minutes = training_minutes(consistency)
         row("consistency", consistency, 1, minutes)
         sample = load_run(consistency).config.sample
-        for sigmas in (consistency_sigmas(2, sample.sigma_min, sample.sigma_max), [sample.sigma_max, 0.8, 0.0]):
+        middles = [[sample.sigma_max, m, 0.0] for m in args.middle_sigmas]
+        for sigmas in (consistency_sigmas(2, sample.sigma_min, sample.sigma_max), *middles):
             row("consistency", consistency, 2, minutes, note=f"sigmas {[round(s, 3) for s in sigmas]}", sigmas=sigmas)
 
     if "guidance" in methods:
