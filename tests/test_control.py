@@ -214,6 +214,24 @@ def test_invert_cli_round_trips_a_picture(digits_run, pictures, tmp_path, capsys
     assert out.with_suffix(".png").is_file()
     assert main(["invert", str(digits_run), str(pictures["broken"]), "--out", str(out)]) == 2
     assert main(["invert", str(digits_run), str(pictures["digit"]), "--out", str(tmp_path / "x.png")]) == 2
+    # Sampling the inverted noise on the same grid gives the picture back; another label would edit it.
+    again = tmp_path / "again.npz"
+    assert main(["sample", str(digits_run), "--noise", str(out), "--n", "1", "--class-label", "none", "--solver",
+                 "heun", "--steps", "50", "--out", str(again), "--no-progress"]) == 0
+    expected = ((result["reconstruction"][0, 0] + 1) * 127.5).round().clip(0, 255)
+    assert np.abs(np.load(again)["images"][0, ..., 0].astype(float) - expected).max() <= 1
+    capsys.readouterr()
+    for noise, message in ((tmp_path / "none.npz", "no noise file"), (pictures["broken"], "not a noise archive")):
+        assert main(["sample", str(digits_run), "--noise", str(noise), "--out", str(tmp_path / "y.png"),
+                     "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["sample", str(digits_run), "--noise", str(out), "--n", "2", "--out", str(tmp_path / "y.png"),
+                 "--no-progress"]) == 0  # one noise for every sample
+    np.savez(tmp_path / "three.npz", noise=np.zeros((3, 1, 8, 8), np.float32))
+    capsys.readouterr()
+    assert main(["sample", str(digits_run), "--noise", str(tmp_path / "three.npz"), "--n", "2", "--out",
+                 str(tmp_path / "y.png"), "--no-progress"]) == 2
+    assert "does not fit 2 samples" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------ ControlNet

@@ -226,6 +226,8 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
                        help="inpaint: white is generated, black keeps the init image")
     group.add_argument("--resample", type=_resample, metavar="JUMP,COUNT",
                        help="inpaint with RePaint: solve every JUMP steps COUNT times (e.g. 2,10)")
+    group.add_argument("--noise", type=Path, metavar="NPZ",
+                       help="start from this noise (difflab invert's .npz) instead of the seeds': edit an image")
     group.add_argument("--reconstruction-guidance", type=float, default=0.0, metavar="W",
                        help="inpaint: steer the generated region by its agreement with the kept one (e.g. 2)")
     group.add_argument("--control", type=Path, action="append", default=[], metavar="PNG",
@@ -276,7 +278,22 @@ def _control_options(args: argparse.Namespace, run) -> tuple[object, dict]:
         options["resample"] = args.resample
     if args.reconstruction_guidance:
         options["reconstruction"] = args.reconstruction_guidance
+    if args.noise is not None:
+        options["noise"] = _read_noise(args.noise)
     return run, options
+
+
+def _read_noise(path: Path):
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no noise file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return torch.from_numpy(archive["noise"]).float()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not a noise archive from difflab invert ({exc})") from None
 
 
 def _sample(args: argparse.Namespace) -> int:

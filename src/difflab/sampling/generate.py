@@ -40,13 +40,17 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    noise: torch.Tensor | None = None,
     **sampling,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images clamped to [-1, 1] (n, *shape), labels or None). Sample i uses seed ``seed + i``, so the
     images do not depend on the batch size. ``sampling`` goes to :func:`difflab.sampling.sample`; its per-sample
     pictures (``init``, ``mask``, ``control``, ``concat``) are one for all samples (batch 1) or one per sample
-    (batch n)."""
+    (batch n). ``noise`` (1 or n, *shape) replaces the seeds' starting noise, e.g. an inverted image's
+    (:func:`difflab.control.invert`) to edit it with another label."""
     labels = class_labels(n, class_label, num_classes)
+    if noise is not None and (noise.shape[0] not in (1, n) or tuple(noise.shape[1:]) != tuple(shape)):
+        raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit {n} samples of shape {tuple(shape)}")
     pictures = {key: sampling.pop(key) for key in PER_SAMPLE if sampling.get(key) is not None}
     for key, value in pictures.items():
         if value.shape[0] not in (1, n):
@@ -57,9 +61,13 @@ def generate(
         for key, value in pictures.items():
             part = value.expand(count, *value.shape[1:]) if value.shape[0] == 1 else value[start : start + count]
             sampling[key] = part.to(device)
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+        if noise is None:
+            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+            start_noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        else:
+            start_noise = noise.expand(count, *shape) if noise.shape[0] == 1 else noise[start : start + count]
         cond = {} if labels is None else {"class_labels": labels[start : start + count].to(device)}
         stochastic = [torch.Generator(device).manual_seed(seed + n + start + i) for i in range(count)]
-        out.append(sample(denoiser, noise, generator=stochastic, **sampling, **cond).clamp(-1, 1).cpu())
+        out.append(sample(denoiser, start_noise.to(device), generator=stochastic, **sampling, **cond)
+                   .clamp(-1, 1).cpu())
     return torch.cat(out), labels
