@@ -17,32 +17,15 @@ from torch import nn
 from difflab.config import ConfigError
 from difflab.control.lora import LORA_KEY, add_lora
 from difflab.control.pictures import CONTROL_PICTURES
-from difflab.training.objectives import DiffusionObjective, Share
+from difflab.training.objectives import DiffusionObjective, Share, start_from
 
 
 def load_base(network: nn.Module, base: str, allowed_missing: tuple[str, ...], widen_inputs: bool = False) -> None:
-    """Load a base run's weights into ``network``; only parameters under ``allowed_missing`` may be new. With
-    ``widen_inputs``, a layer that takes more input channels (dim 1) than the base's keeps the base weights for the
-    leading ones and zeros for the new ones, so the new inputs start ignored."""
+    """Start ``network`` from a base run's sampling weights (see :func:`~difflab.training.objectives.start_from`)."""
     from difflab.training.run import load_run
 
     state = load_run(base, device=next(network.parameters()).device).network.state_dict()
-    if widen_inputs:
-        own = network.state_dict()
-        for key, value in state.items():
-            mine = own.get(key)
-            if mine is not None and value.ndim >= 2 and mine.shape[1] > value.shape[1] and \
-                    (mine.shape[0], *mine.shape[2:]) == (value.shape[0], *value.shape[2:]):
-                widened = torch.zeros_like(mine)
-                widened[:, : value.shape[1]] = value
-                state[key] = widened
-    try:
-        missing, unexpected = network.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # a parameter of another shape
-        raise ConfigError(f"the model differs from the base run {base}: {str(exc).splitlines()[1].strip()}") from None
-    new = [k for k in missing if not k.startswith(allowed_missing)]
-    if new or unexpected:
-        raise ConfigError(f"the model differs from the base run {base}: {', '.join((new + unexpected)[:4])} ...")
+    start_from(network, state, f"the model differs from the base run {base}", allowed_missing, widen_inputs)
 
 
 class ControlNetObjective(DiffusionObjective):

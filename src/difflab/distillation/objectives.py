@@ -28,7 +28,7 @@ from difflab.config import ConfigError
 from difflab.diffusion import loss_weight, weighted_mse
 from difflab.sampling.schedules import karras
 from difflab.sampling.solvers import euler_update, heun_update, rows
-from difflab.training.objectives import DiffusionObjective, Share
+from difflab.training.objectives import DiffusionObjective, Share, start_from
 
 CT_FIRST_INTERVALS = 10  # iCT's s0: the consistency-training curriculum starts at 10 noise levels and doubles
 CT_P_MEAN, CT_P_STD = -1.1, 2.0  # iCT's log-normal choice of the noise level
@@ -46,19 +46,9 @@ class _Student(DiffusionObjective):
             run = load_run(config.distill.teacher, ema=config.distill.teacher_ema,
                            device=next(network.parameters()).device)
             self.teacher = run.model.requires_grad_(False)
-            self._start_from(network, run.network.state_dict())
-
-    def _start_from(self, network: nn.Module, state: dict) -> None:
-        """The teacher's weights; a student's own new inputs (a guidance embedding) keep their zero start."""
-        try:
-            missing, unexpected = network.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # a parameter of another shape
-            raise ConfigError(f"the student's model differs from the teacher {self.config.distill.teacher}: "
-                              f"{str(exc).splitlines()[1].strip()}") from None
-        new = [k for k in missing if not k.startswith("embed.guidance.")]
-        if new or unexpected:
-            raise ConfigError(f"the student's model differs from the teacher {self.config.distill.teacher}: "
-                              f"{', '.join((new + unexpected)[:4])} ...")
+            # The teacher's weights; a student's own new inputs (a guidance embedding) keep their zero start.
+            start_from(network, run.network.state_dict(),
+                       f"the student's model differs from the teacher {config.distill.teacher}", ("embed.guidance.",))
 
     def teacher_step(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cond: dict):
         """The teacher's solver step from per-sample ``sigma`` to ``sigma_next``."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from difflab.conditioning import drop_condition
+from difflab.config import ConfigError
 from difflab.diffusion import NOISE_LEVELS, Precond, denoising_loss, loss_weight
 
 
@@ -23,6 +24,30 @@ class Share:
         self.micro = micro
         self.whole = slice(round_ * micro + rank * size, round_ * micro + (rank + 1) * size)
         self.part = slice(rank * size, (rank + 1) * size)
+
+
+def start_from(network: nn.Module, state: dict, mismatch: str, allowed_missing: tuple[str, ...] = (),
+               widen_inputs: bool = False) -> None:
+    """Load a trained run's network weights ``state`` into ``network`` (a student's or a fine-tune's), or fail with
+    one line beginning ``mismatch``. Only parameters under ``allowed_missing`` may be new (they keep their own,
+    usually zero, start). With ``widen_inputs``, a layer that takes more input channels (dim 1) than the trained one
+    keeps its weights for the leading channels and zeros for the new ones, so the new inputs start ignored."""
+    if widen_inputs:
+        own, state = network.state_dict(), dict(state)
+        for key, value in state.items():
+            mine = own.get(key)
+            if mine is not None and value.ndim >= 2 and mine.shape[1] > value.shape[1] and \
+                    (mine.shape[0], *mine.shape[2:]) == (value.shape[0], *value.shape[2:]):
+                widened = torch.zeros_like(mine)
+                widened[:, : value.shape[1]] = value
+                state[key] = widened
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a parameter of another shape
+        raise ConfigError(f"{mismatch}: {str(exc).splitlines()[1].strip()}") from None
+    new = [k for k in missing if not k.startswith(allowed_missing)]
+    if new or unexpected:
+        raise ConfigError(f"{mismatch}: {', '.join((new + unexpected)[:4])} ...")
 
 
 class DiffusionObjective:
