@@ -64,8 +64,8 @@ def distill(teacher: str | Path, method: str, out: str | Path, *, steps: int = 1
         raise ValueError(f"steps and train_steps must be positive, got {steps} and {train_steps}")
     teacher, out = Path(teacher), Path(out)
     if method != "progressive":
-        train_derived(student_mapping(teacher, method, steps=steps, train_steps=train_steps), overrides, out, resume,
-               progress)
+        mapping = student_mapping(teacher, method, steps=steps, train_steps=train_steps)
+        train_derived(mapping, overrides, out, resume, progress)
         return [out]
     if from_steps <= steps or from_steps % steps or (from_steps // steps) & (from_steps // steps - 1):
         raise ValueError(f"progressive distillation halves from --from-steps to --steps: {from_steps} must be "

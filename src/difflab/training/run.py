@@ -98,24 +98,26 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
         options = _guidance_input(options)
     device = next(run.network.parameters()).device
     init, mask = options.get("init"), options.get("mask")
+    if init is not None and mask is not None:
+        options["mask"] = mask = check_mask(mask, init)  # the pixels' mask, checked once
     if run.encoder is not None and init is not None:
         options["init"] = torch.cat([run.encoder.encode(chunk.to(device)).cpu() for chunk in init.split(64)])
         if mask is not None:
-            options["mask"] = F.adaptive_max_pool2d(check_mask(mask, init), run.sample_shape[-2:])
+            options["mask"] = F.adaptive_max_pool2d(mask, run.sample_shape[-2:])
     if run.config.control.method == "inpaint":  # a mask-conditioned network: it also sees mask and known sample
         from difflab.control.objectives import inpainting_input
 
         if init is None or mask is None:
             raise ValueError("an inpainting run samples with an init image and a mask")
-        latent_mask = check_mask(options["mask"], options["init"])
-        batch = max(latent_mask.shape[0], options["init"].shape[0])
-        options["concat"] = inpainting_input(options["init"].expand(batch, *options["init"].shape[1:]), latent_mask)
+        known = options["init"]
+        batch = max(options["mask"].shape[0], known.shape[0])
+        options["concat"] = inpainting_input(known.expand(batch, *known.shape[1:]), options["mask"])
     images, labels = generate(run.model, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
                               seed=seed, device=device, progress=progress, **{**defaults, **options})
     if run.encoder is not None:
         images = torch.cat([run.encoder.decode(chunk.to(device)).cpu() for chunk in images.split(64)])
         if mask is not None:
-            images = torch.lerp(images, init.to(images), 1 - check_mask(mask, init).to(images))
+            images = torch.lerp(images, init.to(images), 1 - mask.to(images))
     return images, labels
 
 

@@ -131,15 +131,14 @@ class Trainer:
         else:
             on_the_fly = self.encoder if self.encoder is not None and not self.loader.encoder else None
             objective = DiffusionObjective
+            if (config.distill.method or config.control.method) and self.world.size > 1 and t.distributed == "fsdp":
+                raise ValueError("students and fine-tunes use train.distributed=ddp (the teacher or base run they "
+                                 "load is not sharded)")
             if config.distill.method:  # a student: its objective loads the teacher and starts from its weights
-                if self.world.size > 1 and t.distributed == "fsdp":
-                    raise ValueError("distillation runs use train.distributed=ddp (the teacher is not sharded)")
                 from difflab.distillation import OBJECTIVES
 
                 objective = OBJECTIVES[config.distill.method]
             elif config.control.method:  # a fine-tune: its objective loads the base run and freezes it
-                if self.world.size > 1 and t.distributed == "fsdp":
-                    raise ValueError("fine-tunes use train.distributed=ddp (the frozen base is not sharded)")
                 from difflab.control.objectives import OBJECTIVES
 
                 objective = OBJECTIVES[config.control.method]
