@@ -206,6 +206,7 @@ class UNet(nn.Module):
                 self.down.append(Unit(Downsample(ch)))
                 skips.append(ch)
                 res //= 2
+        self.skip_channels = list(skips)  # what each skip connection carries (ControlNets add to each)
         self.mid = nn.ModuleList([unit(ch, ch, c.mid_attention), unit(ch, ch, False)])
         self.up = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
@@ -217,8 +218,6 @@ class UNet(nn.Module):
                 res *= 2
         self.norm_out = group_norm(ch, c.norm_groups)
         self.conv_out = zero_init(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
-        self.skip_channels = [widths[0]] + [unit[0].conv.out_channels if isinstance(unit[0], Downsample)
-                                            else unit[0].conv2.out_channels for unit in self.down]
         self.controlnets = nn.ModuleList(ControlNet(self, channels) for channels in c.controls)
         if c.channels_last:
             for module in self.modules():
@@ -298,7 +297,8 @@ class ControlNet(nn.Module):
         self.hint = nn.Sequential(*layers, nn.Conv2d(16, 32, 3, padding=1), nn.SiLU(),
                                   zero_init(nn.Conv2d(32, width, 3, padding=1)))
         self.zero_skips = nn.ModuleList(zero_init(nn.Conv2d(ch, ch, 1)) for ch in unet.skip_channels)
-        self.zero_mid = zero_init(nn.Conv2d(self.mid[-1][0].conv2.out_channels, self.mid[-1][0].conv2.out_channels, 1))
+        middle = unet.skip_channels[-1]  # the middle units keep the deepest skip's width
+        self.zero_mid = zero_init(nn.Conv2d(middle, middle, 1))
 
     def copy_encoder(self, unet: UNet) -> None:
         """Start from the U-Net's (trained) encoder weights, as the paper does."""
