@@ -30,7 +30,7 @@ from difflab.config import load_yaml
 from difflab.data import load_dataset
 from difflab.data.shards import write_shards
 from difflab.data.sources import scan_folder
-from difflab.evaluation import FeatureExtractor, feature_network, frechet_distance, psnr, ssim
+from difflab.evaluation import cluster_features, frechet_distance, psnr, ssim
 from difflab.representation import encode_dataset
 from difflab.training import Trainer, resolve
 from difflab.training.run import draw, load_run
@@ -50,16 +50,6 @@ def write_split(images: torch.Tensor, folder: Path, out: Path) -> Path:
         Image.fromarray(array).save(folder / f"{k:05d}.png")
     write_shards(folder, scan_folder(folder), out, images.shape[-1], per_shard=1000)
     return out
-
-
-def emoji_features(images: torch.Tensor, clusters: int, epochs: int) -> FeatureExtractor:
-    """A feature extractor for emoji: a classifier of k-means clusters of 8x8 thumbnails (pseudo-labels)."""
-    from sklearn.cluster import KMeans
-
-    thumbnails = F.adaptive_avg_pool2d(images, 8).flatten(1).numpy()
-    labels = KMeans(clusters, n_init=4, random_state=0).fit_predict(thumbnails)
-    network = feature_network(images, torch.from_numpy(labels.astype(np.int64)), epochs=epochs)
-    return FeatureExtractor.from_network(network)
 
 
 def train(config: dict, run_dir: Path, minutes: float) -> dict:
@@ -115,7 +105,7 @@ def main(argv=None) -> int:
     if args.quick:
         train_set, held_out = train_set.subset(torch.arange(64)), held_out.subset(torch.arange(40))
     shards = write_split(train_set.images, work / "train-png", work / "train-shards")
-    extractor = emoji_features(train_set.images, clusters, epochs)
+    extractor = cluster_features(train_set.images, clusters, epochs)
     reference = extractor(held_out.images)
 
     # Stage 1: the autoencoder, then reconstructions of the held-out images.

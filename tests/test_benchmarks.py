@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -199,3 +200,22 @@ def test_control_benchmark_smoke(control_module, tmp_path, capsys):
     assert sorted(p.name for p in figures.iterdir()) == [
         "control_controlnet.png", "control_img2img.png", "control_inpainting.png", "control_inversion.png",
         "control_lora.png"]
+
+
+@pytest.fixture
+def text_to_image_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "text_to_image")
+
+
+def test_text_to_image_benchmark_smoke(text_to_image_module, text_run, tmp_path, capsys):
+    out, figure = tmp_path / "t2i.json", tmp_path / "grid.png"
+    assert text_to_image_module.main([str(text_run), "--guidance", "0,2", "--prompts", "12", "--fd-samples", "12",
+                                      "--batch", "8", "--clusters", "4", "--feature-epochs", "1", "--json", str(out),
+                                      "--figure", str(figure)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["guidance"] for row in result["rows"]] == [0.0, 2.0]
+    assert all(0 <= row["top1"] <= row["top5"] <= 1 and row["fd"] >= 0 for row in result["rows"])
+    assert result["random_top5"] == 5 / 12 and result["images_per_second"]["guided"] > 0
+    width, height = Image.open(figure).size
+    assert height > width  # 16 prompts (rows) at 2 scales (columns)
+    assert "top-5" in capsys.readouterr().out

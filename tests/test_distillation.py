@@ -11,7 +11,7 @@ import yaml
 
 from difflab.cli import main
 from difflab.config import load_yaml
-from difflab.data import load_dataset
+from difflab.data import Batch, load_dataset
 from difflab.diffusion import GaussianMixture, Precond
 from difflab.distillation import ConsistencyObjective, consistency_sigmas, distill
 from difflab.distillation.distill import student_mapping
@@ -60,9 +60,10 @@ def objective(teacher: Path, method: str, *overrides: str, **kwargs):
     return OBJECTIVES[method](config, network, torch.Generator().manual_seed(0), 10), config
 
 
-def batch(n: int = 12, seed: int = 0):
+def batch(n: int = 12, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=g).clamp(-1, 1), torch.randint(10, (n,), generator=g)
+    return Batch(torch.randn(n, 1, 8, 8, generator=g).clamp(-1, 1), torch.randint(10, (n,), generator=g),
+                 torch.arange(n))
 
 
 # --------------------------------------------------------------------------------------------- math core pieces
@@ -110,7 +111,7 @@ def test_progressive_target_is_where_one_student_step_meets_two_teacher_steps(te
         student, _ = objective(teacher, "progressive", teacher_sigmas=grid, teacher_solver=solver)
         gmm = mixture()
         student.teacher = lambda x, s, **c: gmm(x.double(), s.double(), **c).float()  # noqa: E731
-        images, labels = batch()
+        data = batch()
         draws = student.draw(12, (1, 8, 8), 0)
         draws["drops"][:] = False
 
@@ -124,9 +125,9 @@ def test_progressive_target_is_where_one_student_step_meets_two_teacher_steps(te
                 out.append((two - r * x[i : i + 1]) / (1 - r))
             return torch.cat(out)
 
-        loss, _ = student.loss(exact, images, labels, draws, Share(0, 12, 0, 1), 0)
+        loss, _ = student.loss(exact, data, draws, Share(0, 12, 0, 1), 0)
         assert loss.item() < 1e-8
-        plain, _ = student.loss(lambda x, s, **c: student.teacher(x, s, **c), images, labels, draws,
+        plain, _ = student.loss(lambda x, s, **c: student.teacher(x, s, **c), data, draws,
                                 Share(0, 12, 0, 1), 0)
         assert plain.item() > 1e-4  # the teacher's own one-step estimate is not the target
 
@@ -156,14 +157,14 @@ def test_consistency_distillation_target_network_is_an_ema_and_checkpointed(teac
 def test_consistency_distillation_without_target_decay_uses_the_stop_gradient_student(teacher):
     student, _ = objective(teacher, "consistency", "distill.target_decay=0", steps=2)
     assert student.target is None
-    images, labels = batch()
+    data = batch()
     calls = []
 
     def model(x, sigma, **cond):
         calls.append(torch.is_grad_enabled())
         return x * 0.5
 
-    loss, _ = student.loss(model, images, labels, student.draw(12, (1, 8, 8), 0), Share(0, 12, 0, 1), 0)
+    loss, _ = student.loss(model, data, student.draw(12, (1, 8, 8), 0), Share(0, 12, 0, 1), 0)
     assert torch.isfinite(loss) and calls == [False, True]  # the target without gradient, then the prediction
 
 
@@ -189,7 +190,7 @@ def test_each_method_trains_from_the_teacher_and_its_loss_falls(teacher, tmp_pat
 
 def test_student_starts_as_its_teacher(teacher):
     """Before any step a progressive or guidance student computes the teacher's denoiser (guidance scale 1)."""
-    images, labels = batch()
+    images, labels, _ = batch()
     x, sigma = images * 0 + torch.randn(images.shape), torch.full((12,), 2.0)
     reference = load_run(teacher).model
     for method in ("progressive", "guidance"):

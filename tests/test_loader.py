@@ -51,9 +51,9 @@ def test_streaming_follows_the_in_memory_order_on_every_rank_and_worker_count(sq
     memory = BatchLoader(load_dataset(str(square_shards)), 12, seed=4)
     expected = _take(memory, 6)  # 72 samples: crosses two epochs of 30
     streamed = _take(ShardLoader(square_shards, 12, seed=4), 6)
-    for (images, labels), (want_images, want_labels) in zip(streamed, expected):
+    for (images, labels, indices), (want_images, want_labels, want_indices) in zip(streamed, expected):
         torch.testing.assert_close(images, want_images)
-        assert torch.equal(labels, want_labels)
+        assert torch.equal(labels, want_labels) and torch.equal(indices, want_indices)
     workers = _take(ShardLoader(square_shards, 12, seed=4, workers=2), 6)
     ranks = [_take(ShardLoader(square_shards, 12, seed=4, rank=r, world_size=3, workers=1), 6) for r in range(3)]
     for step in range(6):
@@ -69,7 +69,7 @@ def test_streaming_resumes_at_the_saved_position(square_shards):
     resumed = ShardLoader(square_shards, 8, seed=1)
     resumed.load_state_dict(state)
     assert state == {"epoch": 1, "position": 10}
-    for (images, _), (want, _) in zip(_take(resumed, 4), after):
+    for (images, *_), (want, *_) in zip(_take(resumed, 4), after):
         torch.testing.assert_close(images, want)
     loader.load_state_dict({"epoch": 0, "position": 0})  # rewinding restarts the workers' stream
     torch.testing.assert_close(next(loader)[0], first[0][0])
@@ -85,11 +85,11 @@ def test_random_crops_change_per_visit_but_not_per_run_or_world_size(tmp_path):
     assert stored.images.shape == (6, 3, 12, 12)
     run = _take(ShardLoader(tmp_path / "shards", 6, seed=0), 4)  # every sample once per batch
     again = _take(ShardLoader(tmp_path / "shards", 6, seed=0, rank=1, world_size=2, workers=1), 4)
-    for (images, _), (half, _) in zip(run, again):
+    for (images, *_), (half, *_) in zip(run, again):
         torch.testing.assert_close(images[3:], half)
     order = Order(6, 6, seed=0)
     crops = {}
-    for step, (images, _) in enumerate(run):
+    for step, (images, *_) in enumerate(run):
         for sample, image in zip(order.take((step, 0))[0].tolist(), images):
             crops.setdefault(sample, []).append(image)
     assert all(len(views) == 4 for views in crops.values())

@@ -296,21 +296,55 @@ def _read_noise(path: Path):
         raise ValueError(f"{path}: not a noise archive from difflab invert ({exc})") from None
 
 
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompt or --prompts FILE (one a line; blank lines and lines starting with # skipped)."""
+    if args.prompts is None:
+        return None if args.prompt is None else [args.prompt]
+    try:
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read prompts from {args.prompts}: {exc}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompt (one a line)")
+    return prompts
+
+
 def _sample(args: argparse.Namespace) -> int:
     from difflab.training.run import load_run, write_samples
 
     try:
+        prompts = _prompts(args)
+        n = args.n or (8 if prompts else 64)  # with prompts: per prompt, one grid row each
         run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
         options = {k: getattr(args, k) for k in ("solver", "steps", "schedule") if getattr(args, k) is not None}
         options.update(_guidance_options(args))
         run, control = _control_options(args, run)
         options.update(control)
-        path = write_samples(run, args.out, n=args.n, class_label=args.class_label, seed=args.seed,
+        if prompts is not None:
+            options["prompts"] = [prompt for prompt in prompts for _ in range(n)]
+        if args.negative_prompt is not None:
+            options["negative_prompt"] = args.negative_prompt
+        total = n * len(prompts or [None])
+        path = write_samples(run, args.out, n=total, class_label=args.class_label, seed=args.seed,
                              progress=not args.no_progress, **options)
     except (ValueError, FileNotFoundError) as exc:
         print(f"difflab sample: error: {exc}", file=sys.stderr)
         return 2
-    print(f"difflab sample: {args.n} samples from {run.checkpoint} ({run.weights}) -> {path}")
+    print(f"difflab sample: {total} samples from {run.checkpoint} ({run.weights}) -> {path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from difflab.serve import run_server
+    from difflab.serve.backend import RunBackend
+
+    try:
+        backend = RunBackend.load(args.run_dir, ema=args.ema, device=args.device)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        print(f"difflab serve: error: {exc}", file=sys.stderr)
+        return 2
+    run_server(backend, host=args.host, port=args.port, queue_size=args.queue_size, max_n=args.max_n)
     return 0
 
 
@@ -615,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampler = verbs.add_parser("sample", help="draw samples from a run directory (EMA weights by default)")
     sampler.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
-    sampler.add_argument("--n", type=_positive_int, default=64, help="number of samples (default: 64)")
+    sampler.add_argument("--n", type=_positive_int,
+                         help="number of samples (default: 64), or per prompt with --prompt/--prompts (default: 8)")
     sampler.add_argument("--class-label", type=_class_label, default="balanced",
                          help="a class index, 'balanced' (spread over all classes) or 'none' (unconditional)")
     sampler.add_argument("--solver", help="solver (default: the run's sample.solver)")
@@ -626,9 +661,29 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--checkpoint", type=_positive_int, help="the step to load (default: latest)")
     sampler.add_argument("--out", type=Path, default=Path("samples.png"), help=".png grid or .npz archive")
     sampler.add_argument("--no-progress", action="store_true", help="no progress bar")
+    texts = sampler.add_argument_group("text (text-to-image runs)")
+    one_or_many = texts.add_mutually_exclusive_group()
+    one_or_many.add_argument("--prompt", help="what to draw, e.g. 'a panda face' (default: unconditional)")
+    one_or_many.add_argument("--prompts", type=Path, metavar="FILE",
+                             help="a text file of prompts, one a line: a grid row (or --n samples) each")
+    texts.add_argument("--negative-prompt", help="what to steer away from (with --guidance): replaces the null "
+                                                 "prompt in classifier-free guidance")
     _add_guidance_flags(sampler)
     _add_control_flags(sampler)
     sampler.set_defaults(run=_sample)
+
+    server = verbs.add_parser("serve", help="serve a text-to-image run: an HTTP API and a web page")
+    server.add_argument("run_dir", type=Path, help="a text-to-image run directory")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it: the API has "
+                             "no authentication)")
+    server.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+    server.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
+    server.add_argument("--ema", help="which EMA (default: the run's first) or 'none'")
+    server.add_argument("--queue-size", type=_positive_int, default=4,
+                        help="requests that may wait while one generates; more get 503 (default: 4)")
+    server.add_argument("--max-n", type=_positive_int, default=16, help="most images per request (default: 16)")
+    server.set_defaults(run=_serve)
     inversion = verbs.add_parser("invert", help="invert a picture to noise through the ODE and back (for editing)")
     inversion.add_argument("run_dir", type=Path, help="a run directory written by difflab train")
     inversion.add_argument("image", type=Path, help="the picture (resized and centre-cropped to the run's size)")

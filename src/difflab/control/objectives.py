@@ -17,6 +17,7 @@ from torch import nn
 from difflab.config import ConfigError
 from difflab.control.lora import LORA_KEY, add_lora
 from difflab.control.pictures import CONTROL_PICTURES
+from difflab.data import Batch
 from difflab.training.objectives import DiffusionObjective, Share, start_from
 
 
@@ -44,9 +45,9 @@ class ControlNetObjective(DiffusionObjective):
         network.controlnets.requires_grad_(True)
         self.picture = CONTROL_PICTURES[config.control.kind]
 
-    def prepare(self, images: torch.Tensor, labels, draws: dict, share: Share):
-        x0, noise, sigma, cond = super().prepare(images, labels, draws, share)
-        return x0, noise, sigma, {**cond, "control": self.picture(images)}
+    def prepare(self, batch: Batch, draws: dict, share: Share):
+        x0, noise, sigma, cond = super().prepare(batch, draws, share)
+        return x0, noise, sigma, {**cond, "control": self.picture(batch.images)}
 
 
 class LoRAObjective(DiffusionObjective):
@@ -75,8 +76,8 @@ class InpaintObjective(DiffusionObjective):
         return {**super().draw(batch, sample_shape, step), "masks": random_boxes(batch, sample_shape[-2:],
                                                                                   self.generator)}
 
-    def prepare(self, images: torch.Tensor, labels, draws: dict, share: Share):
-        x0, noise, sigma, cond = super().prepare(images, labels, draws, share)
+    def prepare(self, batch: Batch, draws: dict, share: Share):
+        x0, noise, sigma, cond = super().prepare(batch, draws, share)
         return x0, noise, sigma, {**cond, "concat": inpainting_input(x0, draws["masks"][share.whole].to(x0.device))}
 
 

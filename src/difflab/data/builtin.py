@@ -54,7 +54,7 @@ def digits() -> ImageDataset:
     return ImageDataset("digits", images, labels, tuple(str(c) for c in data.target_names))
 
 
-HELD_OUT = 0.1  # digits-heldout: a fixed 10% of the digits (seed 0), never in digits-train
+HELD_OUT = 0.1  # digits-heldout, emoji-heldout: a fixed 10% (seed 0), never in digits-train, emoji-train
 
 
 def digits_train() -> ImageDataset:
@@ -141,9 +141,21 @@ def emoji() -> ImageDataset:
     return build()
 
 
+def emoji_train() -> ImageDataset:
+    """The emoji without emoji-heldout (the split the autoencoder benchmark trains on)."""
+    train, _ = emoji().split(HELD_OUT)
+    return replace(train, name="emoji-train")
+
+
+def emoji_heldout() -> ImageDataset:
+    """A fixed 10% of the emoji (seed 0), held out of emoji-train."""
+    _, held_out = emoji().split(HELD_OUT)
+    return replace(held_out, name="emoji-heldout")
+
+
 DATASETS: dict[str, Callable[[], ImageDataset]] = {
     "digits": digits, "digits-train": digits_train, "digits-heldout": digits_heldout, "moving-digits": moving_digits,
-    "fashion-mnist": fashion_mnist, "emoji": emoji,
+    "fashion-mnist": fashion_mnist, "emoji": emoji, "emoji-train": emoji_train, "emoji-heldout": emoji_heldout,
 }
 
 

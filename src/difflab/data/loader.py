@@ -13,12 +13,22 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
 from difflab.data.builtin import ImageDataset, load_dataset
+
+
+class Batch(NamedTuple):
+    """One process's share of a global batch: samples, class labels (or None) and the samples' data set indices
+    (which find their captions)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    indices: torch.Tensor
 
 
 class Order:
@@ -91,7 +101,7 @@ class _Resumable:
 
 
 class BatchLoader(_Resumable):
-    """Endless shuffled batches ``(images, labels)`` of an in-memory data set, sharded by rank, resumable."""
+    """Endless shuffled :class:`Batch` es of an in-memory data set, sharded by rank, resumable."""
 
     def __init__(self, dataset: ImageDataset, batch: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         super().__init__(Order(len(dataset), batch, seed), rank, world_size)
@@ -100,11 +110,16 @@ class BatchLoader(_Resumable):
         self.num_classes = dataset.num_classes
         self.bucketed, self.encoder = False, None
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __next__(self) -> Batch:
         indices, (self.epoch, self.position) = self.order.take((self.epoch, self.position))
         indices = indices[_rank_slice(len(indices), self.rank, self.world_size)]
         labels = None if self.dataset.labels is None else self.dataset.labels[indices]
-        return self.dataset.images[indices], labels
+        return Batch(self.dataset.images[indices], labels, indices)
+
+    def captions(self) -> tuple[list[str], list[list[str]] | None] | None:
+        """(caption, aliases or None) of every item, or None for a data set without captions."""
+        captions = self.dataset.extras.get("captions")
+        return None if captions is None else (_complete(captions), self.dataset.extras.get("aliases"))
 
 
 class ShardReader:
@@ -200,12 +215,12 @@ class _Stream(torch.utils.data.IterableDataset):
                     offsets = offsets[self.mine]
                 mine = indices[self.mine]
                 labels = self.reader.labels[mine]
-                yield self.reader.tensors(mine, offsets), (labels if self.reader.index["classes"] else None)
+                yield Batch(self.reader.tensors(mine, offsets), labels if self.reader.index["classes"] else None, mine)
             number += 1
 
 
 class ShardLoader(_Resumable):
-    """Endless batches ``(images, labels)`` streamed from a shard folder, decoded by ``workers`` processes.
+    """Endless :class:`Batch` es streamed from a shard folder, decoded by ``workers`` processes.
 
     Samples are read by offset from the tar shards (no archive is held in memory); random-crop shards are
     cropped afresh at every visit, deterministically from the seed and the batch's place in the order;
@@ -231,7 +246,7 @@ class ShardLoader(_Resumable):
         self.num_classes = len(index["classes"])
         self._batches = None
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __next__(self) -> Batch:
         if self._batches is None:
             stream = _Stream(self.reader, self.order, (self.epoch, self.position), self.rank, self.world_size,
                              self.random_crop)
@@ -240,7 +255,12 @@ class ShardLoader(_Resumable):
                                                              **options))
         batch = next(self._batches)
         _, (self.epoch, self.position) = self.order.take((self.epoch, self.position))
-        return batch
+        return Batch(*batch)
+
+    def captions(self) -> tuple[list[str], None] | None:
+        """(caption of every item, None: shards keep no aliases), or None when no item has a caption."""
+        captions = [self.reader.meta(k).get("caption") for k in range(len(self.reader))]
+        return (_complete(captions), None) if any(captions) else None
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -250,6 +270,15 @@ class ShardLoader(_Resumable):
         """Stop the worker processes (a later batch starts them again)."""
         self._batches = None
         self.reader.close()
+
+
+def _complete(captions: list) -> list[str]:
+    """The captions, if every item has one; a data set where some lack one cannot condition on text."""
+    missing = [k for k, caption in enumerate(captions) if not caption]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(captions)} items have no caption (first: item {missing[0]}); "
+                         "a text-conditioned run needs one for every item")
+    return list(captions)
 
 
 def open_loader(name: str, batch: int, seed: int = 0, rank: int = 0, world_size: int = 1,

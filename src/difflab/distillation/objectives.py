@@ -71,8 +71,8 @@ class ProgressiveObjective(_Student):
         return {**super().draw(batch, sample_shape, step),
                 "steps": torch.randint(self.student_steps, (batch,), generator=self.generator)}
 
-    def loss(self, model, images, labels, draws, share: Share, step: int):
-        x0, noise, _, cond = self.prepare(images, labels, draws, share)
+    def loss(self, model, batch, draws, share: Share, step: int):
+        x0, noise, _, cond = self.prepare(batch, draws, share)
         k = 2 * draws["steps"][share.whole]
         sigma, middle, sigma_next = (self.grid[k + j].to(x0.device, torch.float32) for j in range(3))
         x = x0 + rows(sigma, x0) * noise
@@ -120,8 +120,8 @@ class ConsistencyObjective(_Student):
             index = torch.randint(len(grid) - 1, (batch,), generator=self.generator)
         return {**super().draw(batch, sample_shape, step), "pairs": torch.stack([grid[index], grid[index + 1]], 1)}
 
-    def loss(self, model, images, labels, draws, share: Share, step: int):
-        x0, noise, _, cond = self.prepare(images, labels, draws, share)
+    def loss(self, model, batch, draws, share: Share, step: int):
+        x0, noise, _, cond = self.prepare(batch, draws, share)
         sigma, sigma_next = draws["pairs"][share.whole].to(x0.device, torch.float32).unbind(1)
         x = x0 + rows(sigma, x0) * noise
         with torch.no_grad():
@@ -177,11 +177,11 @@ class GuidanceObjective(_Student):
         scales = lo + (hi - lo) * torch.rand(batch, generator=self.generator)
         return {**super().draw(batch, sample_shape, step), "scales": scales}
 
-    def loss(self, model, images, labels, draws, share: Share, step: int):
+    def loss(self, model, batch, draws, share: Share, step: int):
         from difflab.guidance import guided
 
         d = self.config.diffusion
-        x0, noise, sigma, cond = self.prepare(images, labels, draws, share)
+        x0, noise, sigma, cond = self.prepare(batch, draws, share)
         scales = draws["scales"][share.whole].to(x0.device)
         x = x0 + rows(sigma, x0) * noise
         with torch.no_grad():

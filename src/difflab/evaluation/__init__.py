@@ -1,7 +1,13 @@
 """Evaluation: distances between sample sets, Fréchet distance, precision/recall, feature networks, plots."""
 
 from difflab.evaluation.distances import mmd, rmse
-from difflab.evaluation.features import DigitFeatureNet, FeatureExtractor, feature_network, load_feature_extractor
+from difflab.evaluation.features import (
+    DigitFeatureNet,
+    FeatureExtractor,
+    cluster_features,
+    feature_network,
+    load_feature_extractor,
+)
 from difflab.evaluation.metrics import (
     classification_accuracy,
     feature_statistics,
@@ -14,7 +20,8 @@ from difflab.evaluation.metrics import (
 )
 
 __all__ = [
-    "DigitFeatureNet", "FeatureExtractor", "classification_accuracy", "feature_network", "feature_statistics",
+    "DigitFeatureNet", "FeatureExtractor", "classification_accuracy", "cluster_features", "feature_network",
+    "feature_statistics",
     "frechet_distance", "frechet_distance_from_moments", "load_feature_extractor", "mmd",
     "nearest_neighbour_distances", "precision_recall", "psnr", "rmse", "ssim",
 ]

@@ -220,6 +220,18 @@ def _frozen(network: DigitFeatureNet) -> DigitFeatureNet:
     return network
 
 
+def cluster_features(images: torch.Tensor, clusters: int = 32, epochs: int = 15) -> FeatureExtractor:
+    """Features for an unlabelled data set (e.g. the emoji): the classifier of :func:`feature_network` trained on
+    pseudo-labels, the k-means clusters of 8x8 thumbnails (no pretrained Inception network is available offline)."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    thumbnails = F.adaptive_avg_pool2d(images, 8).flatten(1).numpy()
+    labels = KMeans(clusters, n_init=4, random_state=0).fit_predict(thumbnails)
+    network = feature_network(images, torch.from_numpy(labels.astype(np.int64)), epochs=epochs)
+    return FeatureExtractor.from_network(network)
+
+
 def load_feature_extractor(
     path: str | Path, *, batch_size: int = 500, device: str | torch.device = "cpu"
 ) -> FeatureExtractor:

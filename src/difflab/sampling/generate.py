@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from difflab.conditioning import NULL_CLASS
 from difflab.sampling.sample import sample
 
-PER_SAMPLE = ("init", "mask", "control", "concat")  # pictures that steer each sample (difflab.control)
+# Per-sample inputs (batch 1 for all samples, or n): pictures that steer each sample (difflab.control) and prompts.
+PER_SAMPLE = ("init", "mask", "control", "concat", "text", "text_mask")
 
 
 def class_labels(n: int, class_label: int | str | None, num_classes: int) -> torch.Tensor | None:
@@ -26,6 +27,9 @@ def class_labels(n: int, class_label: int | str | None, num_classes: int) -> tor
     if not isinstance(class_label, int) or not 0 <= class_label < num_classes:
         raise ValueError(f"class label must be 0..{num_classes - 1} or 'balanced', got {class_label!r}")
     return torch.full((n,), class_label, dtype=torch.long)
+
+
+_SOLVER_SEED = 2**40  # offsets the seeds of a stochastic solver's noise from those of the starting noise
 
 
 @torch.no_grad()
@@ -46,19 +50,20 @@ def generate(
     """(images clamped to [-1, 1] (n, *shape), labels or None). Sample i uses seed ``seed + i``, so the
     images do not depend on the batch size. ``sampling`` goes to :func:`difflab.sampling.sample`; its per-sample
     pictures (``init``, ``mask``, ``control``, ``concat``) are one for all samples (batch 1) or one per sample
-    (batch n). ``noise`` (1 or n, *shape) replaces the seeds' starting noise, e.g. an inverted image's
-    (:func:`difflab.control.invert`) to edit it with another label."""
+    (batch n), as are prompts' ``text`` and ``text_mask``. ``noise`` (1 or n, *shape) replaces the seeds' starting
+    noise, e.g. an inverted image's (:func:`difflab.control.invert`) to edit it with another label. A stochastic
+    solver's noise also comes from the sample's seed, so sample i is the same alone or in any batch."""
     labels = class_labels(n, class_label, num_classes)
     if noise is not None and (noise.shape[0] not in (1, n) or tuple(noise.shape[1:]) != tuple(shape)):
         raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit {n} samples of shape {tuple(shape)}")
-    pictures = {key: sampling.pop(key) for key in PER_SAMPLE if sampling.get(key) is not None}
-    for key, value in pictures.items():
+    per_sample = {key: sampling.pop(key) for key in PER_SAMPLE if sampling.get(key) is not None}
+    for key, value in per_sample.items():
         if value.shape[0] not in (1, n):
-            raise ValueError(f"{key} must hold 1 or {n} pictures, got {value.shape[0]}")
+            raise ValueError(f"{key} must hold 1 or {n} rows, got {value.shape[0]}")
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling", unit="batch"):
         count = min(batch_size, n - start)
-        for key, value in pictures.items():
+        for key, value in per_sample.items():
             part = value.expand(count, *value.shape[1:]) if value.shape[0] == 1 else value[start : start + count]
             sampling[key] = part.to(device)
         if noise is None:
@@ -67,7 +72,7 @@ def generate(
         else:
             start_noise = noise.expand(count, *shape) if noise.shape[0] == 1 else noise[start : start + count]
         cond = {} if labels is None else {"class_labels": labels[start : start + count].to(device)}
-        stochastic = [torch.Generator(device).manual_seed(seed + n + start + i) for i in range(count)]
+        stochastic = [torch.Generator(device).manual_seed(_SOLVER_SEED + seed + start + i) for i in range(count)]
         out.append(sample(denoiser, start_noise.to(device), generator=stochastic, **sampling, **cond)
                    .clamp(-1, 1).cpu())
     return torch.cat(out), labels

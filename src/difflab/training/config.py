@@ -30,13 +30,19 @@ class DataConfig:
     # Stage 2 of latent diffusion: an autoencoder run directory or a diffusers AutoencoderKL folder. The generator
     # learns its latents: encoded on the fly from images, or read from latent shards (difflab encode).
     encoder: str | None = None
+    # A text-to-image run: the frozen encoder of the captions and prompts, "minilm" or a Hugging Face model folder
+    # (difflab.conditioning.text). It sets model.text_dim.
+    text_encoder: str | None = None
 
     def __post_init__(self):
+        from difflab.conditioning.text import encoder_folder
         from difflab.data import DATASETS
 
         if self.dataset not in DATASETS and not (Path(self.dataset) / "index.json").is_file():
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a shard folder, got {self.dataset!r}")
         _positive("workers", self.workers, allow_zero=True)
+        if self.text_encoder is not None:
+            encoder_folder(self.text_encoder)
 
 
 @dataclass(frozen=True)
@@ -47,15 +53,19 @@ class DiffusionConfig:
     noise_options: dict = field(default_factory=dict)  # e.g. {p_mean: -1.2, p_std: 1.2}
     loss_weight: str = "edm"
     min_snr_gamma: float = 5.0
-    label_dropout: float = 0.1  # share of samples trained unconditionally, for classifier-free guidance
+    # Shares of samples trained without their class label / caption (the null condition), for classifier-free
+    # guidance; drawn independently, so a model with both learns each condition alone too.
+    label_dropout: float = 0.1
+    text_dropout: float = 0.1
 
     def __post_init__(self):
         _choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         _choice("noise_levels", self.noise_levels, NOISE_LEVELS)
         _choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _positive("sigma_data", self.sigma_data)
-        if not 0 <= self.label_dropout < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        for name in ("label_dropout", "text_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         try:
             NOISE_LEVELS[self.noise_levels](**self.noise_options)
         except TypeError as exc:
@@ -271,6 +281,18 @@ def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
     model.setdefault("in_channels", shape[0])
     model.setdefault("resolution", shape[-1])
     model.setdefault("num_classes", num_classes)
+    if config.data.text_encoder:
+        from difflab.conditioning.text import encoder_dim
+
+        if data.captions() is None:
+            raise ConfigError(f"data.text_encoder is set, but data set {config.data.dataset!r} has no captions")
+        dim = encoder_dim(config.data.text_encoder)
+        if model.setdefault("text_dim", dim) != dim:
+            raise ConfigError(f"model.text_dim is {model['text_dim']}, but text encoder {config.data.text_encoder!r} "
+                              f"gives {dim}-d token states")
+    elif model.get("text_dim"):
+        raise ConfigError("model.text_dim is set but data.text_encoder is not: name the encoder of the prompts "
+                          "(e.g. data.text_encoder=minilm)")
     if len(shape) == 4:  # video (C, T, H, W)
         model.setdefault("frames", shape[1])
     network = network_config(model)  # validates the model section

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from difflab.conditioning import drop_condition
+from difflab.conditioning.text import CaptionBank, caption_bank, caption_variants
 from difflab.config import ConfigError
+from difflab.data import Batch, open_loader
 from difflab.diffusion import NOISE_LEVELS, Precond, denoising_loss, loss_weight
 
 
@@ -50,9 +52,20 @@ def start_from(network: nn.Module, state: dict, mismatch: str, allowed_missing: 
         raise ConfigError(f"{mismatch}: {', '.join((new + unexpected)[:4])} ...")
 
 
+def training_captions(config, progress: bool = False) -> CaptionBank:
+    """The caption bank of a text-conditioned run: every caption variant of ``data.dataset`` under
+    ``data.text_encoder`` (encoded once, then read from the cache)."""
+    captions = open_loader(config.data.dataset, batch=1).captions()
+    if captions is None:
+        raise ConfigError(f"data set {config.data.dataset!r} has no captions to condition on (data.text_encoder)")
+    return caption_bank(caption_variants(*captions), config.data.text_encoder, progress=progress)
+
+
 class DiffusionObjective:
     """Denoising score matching of ``Precond(network)`` (EDM, Eq. 2) with the math core's noise levels and loss
-    weights, on the loader's samples or, with an ``encoder``, on their latents."""
+    weights, on the loader's samples or, with an ``encoder``, on their latents; conditioned on class labels and
+    (a text model) on a random caption variant of each sample, each dropped to the null condition at its own rate
+    for classifier-free guidance."""
 
     columns: tuple[str, ...] = ()
 
@@ -61,17 +74,24 @@ class DiffusionObjective:
         self.config, self.generator, self.num_classes, self.encoder = config, generator, num_classes, encoder
         self.module = Precond(network, d.parameterization, sigma_data=d.sigma_data)
         self.noise_levels = NOISE_LEVELS[d.noise_levels](**d.noise_options)
+        self.captions = training_captions(config, progress=True) if config.model.get("text_dim") else None
 
     def draw(self, batch: int, sample_shape: tuple[int, ...] | None, step: int) -> dict:
-        """Noise levels, label dropout and (for a fixed sample shape) the noise of the global batch."""
+        """Noise levels, condition dropout, caption variants and (for a fixed sample shape) the noise of the global
+        batch."""
+        d = self.config.diffusion
         draws = {"sigmas": self.noise_levels(batch, generator=self.generator),
-                 "drops": torch.rand(batch, generator=self.generator) < self.config.diffusion.label_dropout}
+                 "drops": torch.rand(batch, generator=self.generator) < d.label_dropout}
+        if self.captions is not None:
+            draws["text_drops"] = torch.rand(batch, generator=self.generator) < d.text_dropout
+            draws["variants"] = torch.rand(batch, generator=self.generator)
         if sample_shape is not None:
             draws["noises"] = torch.randn((batch, *sample_shape), generator=self.generator)
         return draws
 
-    def prepare(self, images: torch.Tensor, labels, draws: dict, share: Share):
-        """(x0: the samples or their latents, noise, sigma, conditioning with labels dropped) of this share."""
+    def prepare(self, batch: Batch, draws: dict, share: Share):
+        """(x0: the samples or their latents, noise, sigma, conditioning with dropped conditions) of this share."""
+        images, labels = batch.images, batch.labels
         device = images.device
         x0 = images if self.encoder is None else self.encoder.encode(images)
         if "noises" in draws:
@@ -81,12 +101,15 @@ class DiffusionObjective:
         cond = {}
         if labels is not None and self.num_classes:
             cond = drop_condition({"class_labels": labels.to(device)}, draws["drops"][share.whole].to(device))
+        if self.captions is not None:
+            text, mask = self.captions.lookup(batch.indices, draws["variants"][share.whole])
+            cond.update(drop_condition({"text": text.to(device), "text_mask": mask.to(device)},
+                                       draws["text_drops"][share.whole].to(device)))
         return x0, noise.to(device), draws["sigmas"][share.whole].to(device), cond
 
-    def loss(self, model: nn.Module, images: torch.Tensor, labels, draws: dict, share: Share,
-             step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: Batch, draws: dict, share: Share, step: int) -> tuple[torch.Tensor, dict]:
         d = self.config.diffusion
-        x0, noise, sigma, cond = self.prepare(images, labels, draws, share)
+        x0, noise, sigma, cond = self.prepare(batch, draws, share)
         weight = loss_weight(d.loss_weight, sigma, d.sigma_data, d.min_snr_gamma)
         return denoising_loss(model, x0, sigma, weight, noise=noise, **cond).mean(), {}
 
@@ -123,8 +146,8 @@ class AutoencoderObjective:
     def draw(self, batch: int, sample_shape, step: int) -> dict:
         return {}
 
-    def loss(self, model: nn.Module, images: torch.Tensor, labels, draws: dict, share: Share,
-             step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: Batch, draws: dict, share: Share, step: int) -> tuple[torch.Tensor, dict]:
+        images = batch.images
         # The posterior sample's noise, drawn for the round's global micro-batch and sliced.
         latent = self.network.config.latent_shape(tuple(images.shape[1:]))
         noise = torch.randn((share.micro, *latent), generator=self.generator)[share.part].to(images.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +54,45 @@ class Run:
     def num_classes(self) -> int:
         return self.config.model.get("num_classes", 0)
 
+    def prompt_condition(self, prompts: str | Sequence[str] | None, negative_prompt: str | None = None
+                         ) -> tuple[dict, dict | None]:
+        """(``text``/``text_mask`` of the prompts (batch 1 for one prompt or None, else one row per prompt), the
+        negative prompt's for guidance or None). None is the null prompt, what unguided text models sample."""
+        if not self.config.model.get("text_dim"):
+            if prompts is not None or negative_prompt is not None:
+                raise ValueError("this run is not text-conditional (trained without data.text_encoder): it takes no "
+                                 "prompt")
+            return {}, None
+        from difflab.conditioning.text import load_text_encoder
+
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if prompts is not None and (not prompts or any(not p.strip() for p in prompts)):
+            raise ValueError("a prompt must not be empty (pass no prompt to sample unconditionally)")
+        device = next(self.network.parameters()).device
+        texts = list(prompts or [""]) + ([negative_prompt] if negative_prompt is not None else [])
+        # One call pads the prompts and the negative prompt to the same length, as guidance's batch needs.
+        text, mask = load_text_encoder(self.config.data.text_encoder, str(device))(texts)
+        count = len(texts) - (negative_prompt is not None)
+        if prompts is None:
+            mask[:count] = False  # the null prompt
+        condition = {"text": text[:count], "text_mask": mask[:count]}
+        negative = {"text": text[count:], "text_mask": mask[count:]} if negative_prompt is not None else None
+        return condition, negative
+
 
 def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None = None, device="cpu") -> Run:
-    """The denoiser of a run's checkpoint (latest by default) with EMA weights (``ema='none'``: raw weights)."""
+    """The denoiser of a run's checkpoint (latest by default) with EMA weights (``ema='none'``: raw weights).
+
+    The trainer writes ``data.encoder`` as an absolute path; a relative one is relative to the run directory, so a
+    latent run can travel with its autoencoder in a sub-folder."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    config = resolve(load_yaml(run_dir / "config.yaml"))
+    mapping = load_yaml(run_dir / "config.yaml")
+    encoder = (mapping.get("data") or {}).get("encoder")
+    if encoder and not Path(encoder).is_absolute():  # a run shipped with its autoencoder inside (e.g. pretrained/)
+        mapping["data"]["encoder"] = str((run_dir / encoder).resolve())
+    config = resolve(mapping)
     checkpoints = run_dir / "checkpoints"
     folder = checkpoints / ckpt.step_name(checkpoint) if checkpoint else ckpt.latest_checkpoint(checkpoints)
     if folder is None or not folder.is_dir():
@@ -76,9 +109,14 @@ def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None
     return Run(config, make_model(config, ckpt.load_tensors(path), device), folder, weights, encoder)
 
 
-def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool = False, **options):
+def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool = False,
+         prompts: str | Sequence[str] | None = None, negative_prompt: str | None = None, **options):
     """(images, labels) from a run with its ``sample:`` settings (``options`` override them); sample i uses
     seed ``seed + i``. ``class_label="balanced"`` falls back to unconditional for unconditional models.
+
+    A text model takes ``prompts`` (one for all samples, or one per sample) and, with a guidance scale, a
+    ``negative_prompt`` that replaces the null prompt as the negative branch; without a prompt it samples
+    unconditionally.
 
     Control options are pictures (batch 1 or n) at the run's image resolution: ``init`` with ``strength`` <
     1 (image-to-image) or a ``mask`` (inpainting, 1 = generate; ``resample=(jump, count)`` for RePaint). A latent
@@ -97,6 +135,12 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
     if run.config.model.get("guidance_embed"):
         options = _guidance_input(options)
     device = next(run.network.parameters()).device
+    condition, negative = run.prompt_condition(prompts, negative_prompt)
+    if condition and condition["text"].shape[0] not in (1, n):
+        raise ValueError(f"got {condition['text'].shape[0]} prompts for {n} samples: pass one, or one per sample")
+    options.update(condition)
+    if negative is not None:
+        options["negative"] = negative
     init, mask = options.get("init"), options.get("mask")
     if init is not None and mask is not None:
         options["mask"] = mask = check_mask(mask, init)  # the pixels' mask, checked once
@@ -173,7 +217,7 @@ def reconstruct(run: Run, n: int, seed: int = 0) -> torch.Tensor:
     then its reconstruction)."""
     from difflab.data import open_loader
 
-    images, _ = next(open_loader(run.config.data.dataset, n, seed=seed))
+    images = next(open_loader(run.config.data.dataset, n, seed=seed)).images
     device = next(run.model.parameters()).device
     reconstruction = run.model(images.to(device), sample=False)[0].clamp(-1, 1).cpu()
     columns = 1 if images.ndim == 5 else min(n, 8)
@@ -201,7 +245,9 @@ def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = F
 
 def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", seed: int = 0, progress: bool = False,
                   **options) -> Path:
-    """Sample a run into a PNG grid or an ``.npz`` archive (``images`` uint8 NHWC, ``labels`` int64)."""
+    """Sample a run into a PNG grid or an ``.npz`` archive (``images`` uint8 NHWC, ``labels`` int64, and the
+    ``prompts`` of a text model). A list of prompts (one per sample, as ``draw`` takes them) puts each prompt's
+    samples on a grid row."""
     from difflab.evaluation.plots import save_image_grid
 
     out = Path(out)
@@ -213,14 +259,20 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
         return save_image_grid(reconstruct(run, n, seed), out, columns=min(n, 8))
     images, labels = draw(run, n, class_label, seed, progress, **options)
     out.parent.mkdir(parents=True, exist_ok=True)
+    prompts = options.get("prompts")
+    prompts = None if prompts is None else [prompts] * n if isinstance(prompts, str) else list(prompts)
     if out.suffix == ".png":
         columns = run.num_classes if class_label == "balanced" else None
+        if prompts is not None and len(set(prompts)) > 1:
+            columns = next(i for i, p in enumerate(prompts + [None]) if p != prompts[0])
         return save_image_grid(images, out, columns=columns)
     pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     pixels = pixels.movedim(1, -1).numpy()  # (N, H, W, C) or (N, T, H, W, C)
     arrays = {"images": pixels}
     if labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int64)
+    if prompts is not None:
+        arrays["prompts"] = np.array(prompts, dtype=str)
     with replacing(out) as tmp:
         np.savez(tmp, **arrays)
     return out

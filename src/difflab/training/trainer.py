@@ -218,11 +218,12 @@ class Trainer:
         draws = self.objective.draw(t.batch, None if self.loader.bucketed else self.sample_shape, self.step)
         total = torch.zeros((), dtype=torch.float64, device=world.device)  # sums as Python floats would
         for round_ in range(t.accumulation):
-            images, labels = next(self.loader)
+            batch = next(self.loader)
             share = Share(round_, micro, world.rank, world.size)
             sync = round_ == t.accumulation - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), autocast:
-                loss, logs = self.objective.loss(self.model, images.to(world.device), labels, draws, share, self.step)
+                loss, logs = self.objective.loss(self.model, batch._replace(images=batch.images.to(world.device)),
+                                                 draws, share, self.step)
                 loss = loss / t.accumulation
             loss.backward()
             total += loss.detach()
