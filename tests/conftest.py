@@ -7,6 +7,7 @@ import tempfile
 
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning slows every test many times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ["HF_HUB_OFFLINE"] = "1"  # the text encoder loads from an installed folder; tests never touch the network
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 

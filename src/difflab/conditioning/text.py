@@ -89,8 +89,9 @@ class TransformersTextEncoder:
         transformers.logging.disable_progress_bar()
         folder = encoder_folder(name)
         self.name, self.max_tokens, self.device = name, max_tokens, torch.device(device)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        model = transformers.AutoModel.from_pretrained(folder)
+        # A local folder only: never a hub lookup, so the encoder loads the same offline.
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
         if hasattr(model, "text_model"):  # CLIP and its relatives
             model = model.text_model
         elif model.config.is_encoder_decoder:  # T5 and other encoder-decoders
