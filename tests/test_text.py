@@ -116,6 +116,9 @@ def test_training_sees_caption_variants_and_drops_prompts_at_the_text_rate(text_
     _, _, _, cond = objective.prepare(batch, draws, Share(0, 6, 0, 1))
     assert cond["text"].shape[::2] == (6, 384)
     assert not cond["text_mask"][0].any() and cond["text_mask"][1].any()  # dropped -> the null prompt
+    (grid,) = (text_run / "samples").glob("*.png")  # the training grid: a row per training caption
+    width, height = Image.open(grid).size
+    assert height > 3 * width
 
 
 # ------------------------------------------------------------------------------------------------------ sampling

@@ -327,7 +327,7 @@ def _sample(args: argparse.Namespace) -> int:
             options["negative_prompt"] = args.negative_prompt
         total = n * len(prompts or [None])
         path = write_samples(run, args.out, n=total, class_label=args.class_label, seed=args.seed,
-                             progress=not args.no_progress, **options)
+                             progress=not args.no_progress, columns=n if prompts else None, **options)
     except (ValueError, FileNotFoundError) as exc:
         print(f"difflab sample: error: {exc}", file=sys.stderr)
         return 2

@@ -244,10 +244,10 @@ def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = F
 
 
 def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", seed: int = 0, progress: bool = False,
-                  **options) -> Path:
-    """Sample a run into a PNG grid or an ``.npz`` archive (``images`` uint8 NHWC, ``labels`` int64, and the
-    ``prompts`` of a text model). A list of prompts (one per sample, as ``draw`` takes them) puts each prompt's
-    samples on a grid row."""
+                  columns: int | None = None, **options) -> Path:
+    """Sample a run into a PNG grid (``columns`` wide; by default a column per class of a balanced
+    class-conditional run) or an ``.npz`` archive (``images`` uint8 NHWC, ``labels`` int64, and the ``prompts``
+    of a text model)."""
     from difflab.evaluation.plots import save_image_grid
 
     out = Path(out)
@@ -262,9 +262,8 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     prompts = options.get("prompts")
     prompts = None if prompts is None else [prompts] * n if isinstance(prompts, str) else list(prompts)
     if out.suffix == ".png":
-        columns = run.num_classes if class_label == "balanced" else None
-        if prompts is not None and len(set(prompts)) > 1:
-            columns = next(i for i, p in enumerate(prompts + [None]) if p != prompts[0])
+        if columns is None and class_label == "balanced" and run.num_classes:
+            columns = run.num_classes
         return save_image_grid(images, out, columns=columns)
     pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     pixels = pixels.movedim(1, -1).numpy()  # (N, H, W, C) or (N, T, H, W, C)

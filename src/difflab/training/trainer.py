@@ -354,9 +354,9 @@ class Trainer:
         return {k: _full(v) for k, v in weights.items()}, name  # every process takes part in gathering shards
 
     def save_samples(self) -> Path | None:
-        """A grid in ``samples/`` from the first EMA: samples (balanced over classes, decoded from latents in
-        stage 2), or an autoencoder's reconstructions under the originals. None for an inpainting fine-tune, which
-        samples only with a picture and a mask."""
+        """A grid in ``samples/`` from the first EMA: samples (balanced over classes, a row per training caption
+        for a text model, decoded from latents in stage 2), or an autoencoder's reconstructions under the
+        originals. None for an inpainting fine-tune, which samples only with a picture and a mask."""
         if self.config.control.method == "inpaint":
             return None
         state, name = self._sampling_weights()
@@ -366,8 +366,14 @@ class Trainer:
 
             model = make_model(self.config, state, self.world.device)
             run = Run(self.config, model, None, name or "model", self.encoder)
-            path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png",
-                                 n=self.config.sample.n)
+            n, options = self.config.sample.n, {}
+            if self.config.model.get("text_dim"):  # a row for each of up to 8 training captions, unguided
+                captions, _ = self.loader.captions()
+                rows = min(8, n)
+                chosen = [captions[k * len(captions) // rows] for k in range(rows)]
+                options["prompts"] = [caption for caption in chosen for _ in range(n // rows)]
+                n, options["columns"] = len(options["prompts"]), n // rows
+            path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png", n=n, **options)
         self.world.barrier()
         return path
 
