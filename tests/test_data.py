@@ -25,16 +25,33 @@ def test_digits_are_in_range_with_labels():
 def test_moving_digits_follow_their_trajectories():
     data = load_dataset("moving-digits")
     clips, paths = data.images, data.extras["trajectories"]
-    assert clips.shape == (1797, 1, 8, 24, 24) and paths.shape == (1797, 8, 2)
+    assert clips.shape == (1797, 1, 8, 24, 24) and paths.shape == (1797, 1, 8, 2)
     assert paths.min() >= 0 and paths.max() <= 16
-    steps = (paths[:, 1:] - paths[:, :-1]).abs()
+    steps = (paths[:, :, 1:] - paths[:, :, :-1]).abs()
     assert steps.max() <= 2 and steps.min() >= 0
     digits = load_dataset("digits").images
     for i in (0, 100, 1796):  # every frame shows the real digit where the trajectory says
         for t in range(8):
-            r, c = paths[i, t].tolist()
+            r, c = paths[i, 0, t].tolist()
             assert torch.equal(clips[i, 0, t, r : r + 8, c : c + 8], digits[i, 0])
     assert torch.equal(load_dataset("moving-digits").images, clips)  # deterministic
+
+
+def test_moving_digits_options_set_length_size_and_digit_count():
+    data = load_dataset("moving-digits:frames=5,size=16,digits=2,seed=3")
+    assert data.images.shape == (1797, 1, 5, 16, 16) and data.extras["trajectories"].shape == (1797, 2, 5, 2)
+    digits = load_dataset("digits").images
+    r, c = data.extras["trajectories"][7, 1, 4].tolist()  # the second digit of clip 7 is digit 8, on top
+    assert torch.equal(torch.maximum(data.images[7, 0, 4, r : r + 8, c : c + 8], digits[8, 0]),
+                       data.images[7, 0, 4, r : r + 8, c : c + 8])
+    with pytest.raises(ValueError, match="takes no options"):
+        load_dataset("digits:frames=5")
+    with pytest.raises(ValueError, match="takes no options"):
+        load_dataset("moving-digits:colour=red")
+    with pytest.raises(ValueError, match="key=value pairs"):
+        load_dataset("moving-digits:frames=5,oops")
+    with pytest.raises(ValueError, match="size >= 8"):
+        load_dataset("moving-digits:size=4")
 
 
 def test_fashion_mnist_reads_debians_idx_files_or_says_how_to_install(tmp_path, monkeypatch):

@@ -223,7 +223,12 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--strength", type=_fraction, default=1.0,
                        help="image-to-image: how much of the sampling runs from the noised init image, in (0, 1]")
     group.add_argument("--mask", type=Path, metavar="PNG",
-                       help="inpaint: white is generated, black keeps the init image")
+                       help="inpaint: white is generated, black keeps the init image (a video run: in every frame)")
+    group.add_argument("--init-video", type=Path, metavar="CLIP",
+                       help="video runs: start from this clip (MP4, GIF, a folder of frames), e.g. with --keep-frames")
+    group.add_argument("--keep-frames", type=_frames, metavar="I,J,...",
+                       help="video runs: keep these frames of the init clip (or of --init-image, repeated) and "
+                            "generate the rest: 0 is image-to-video, 0,-1 interpolation, 0,1,2,3 extension")
     group.add_argument("--resample", type=_resample, metavar="JUMP,COUNT",
                        help="inpaint with RePaint: solve every JUMP steps COUNT times (e.g. 2,10)")
     group.add_argument("--noise", type=Path, metavar="NPZ",
@@ -236,6 +241,14 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
                        help="attach the ControlNet of this fine-tuned run (difflab finetune), weighted (default 1)")
     group.add_argument("--lora", type=_weighted_path, action="append", default=[], metavar="FILE[:STRENGTH]",
                        help="merge this LoRA adapter (difflab finetune --method lora) at a strength (default 1)")
+
+
+def _frames(text: str) -> list[int]:
+    try:
+        frames = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frame indices I,J,... (e.g. 0 or 0,-1), got {text!r}") from None
+    return frames
 
 
 def _weighted_path(text: str) -> tuple[Path, float]:
@@ -251,7 +264,7 @@ def _control_options(args: argparse.Namespace, run) -> tuple[object, dict]:
     import torch
 
     from difflab.control.controlnet import attach_controlnets
-    from difflab.control.inputs import read_image, read_mask
+    from difflab.control.inputs import frame_mask, read_image, read_mask, read_video
     from difflab.control.lora import merge_lora
 
     channels, *_, resolution = run.image_shape
@@ -268,10 +281,26 @@ def _control_options(args: argparse.Namespace, run) -> tuple[object, dict]:
                              f"{len(args.control)} picture(s)")
         options["control"] = torch.cat([read_image(path, resolution, c) for path, c in zip(args.control, controls)], 1)
         options["control_scale"] = (1.0,) * own + tuple(weight for _, weight in args.control_run)
+    frames = run.image_shape[1] if len(run.image_shape) == 4 else None  # a video run's clip length
+    if frames is None and (args.init_video is not None or args.keep_frames is not None):
+        raise ValueError("--init-video and --keep-frames are for video runs; this run makes images")
+    if args.init_video is not None and args.init_image is not None:
+        raise ValueError("give --init-image or --init-video, not both")
+    if args.keep_frames is not None and args.init_video is None and args.init_image is None:
+        raise ValueError("--keep-frames keeps frames of --init-video (or of --init-image, repeated): give one")
+    if args.init_video is not None:
+        options["init"] = read_video(args.init_video, frames, resolution, channels)
     if args.init_image is not None:
         options["init"] = read_image(args.init_image, resolution, channels)
+        if frames is not None:  # a still as every frame: with --keep-frames 0, image-to-video
+            options["init"] = options["init"][:, :, None].expand(-1, -1, frames, -1, -1).contiguous()
     if args.mask is not None:
         options["mask"] = read_mask(args.mask, resolution)
+        if frames is not None:
+            options["mask"] = options["mask"][:, :, None]
+    if args.keep_frames is not None:
+        kept = frame_mask(args.keep_frames, frames)
+        options["mask"] = kept if args.mask is None else options["mask"] * kept
     if args.strength != 1:
         options["strength"] = args.strength
     if args.resample is not None:
@@ -659,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     sampler.add_argument("--ema", help="which EMA (e.g. 0.999, phema-0.050) or 'none' for the raw weights")
     sampler.add_argument("--checkpoint", type=_positive_int, help="the step to load (default: latest)")
-    sampler.add_argument("--out", type=Path, default=Path("samples.png"), help=".png grid or .npz archive")
+    sampler.add_argument("--out", type=Path, default=Path("samples.png"),
+                         help=".png grid, .npz archive, or for video runs a .gif or .mp4 of the grid")
     sampler.add_argument("--no-progress", action="store_true", help="no progress bar")
     texts = sampler.add_argument_group("text (text-to-image runs)")
     one_or_many = texts.add_mutually_exclusive_group()

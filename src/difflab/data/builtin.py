@@ -6,6 +6,7 @@ import gzip
 import math
 import os
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,25 +109,32 @@ def fashion_mnist() -> ImageDataset:
     return ImageDataset("fashion-mnist", tensor, torch.from_numpy(labels.astype(np.int64)), FASHION_CLASSES)
 
 
-def moving_digits(frames: int = 8, size: int = 24, seed: int = 0) -> ImageDataset:
+def moving_digits(frames: int = 8, size: int = 24, digits: int = 1, seed: int = 0) -> ImageDataset:
     """Video of the 1,797 real digits moving on a dark canvas, bouncing off the walls (N, 1, T, size, size).
 
-    Each clip's start position and integer velocity (1-2 pixels a frame per axis) come from ``seed``, so the
-    set is the same everywhere; ``trajectories`` (N, T, 2) holds every frame's top-left (row, column).
+    Clip i shows digit i and, with ``digits`` > 1, digits i + 1, ... (mod N) too, each on its own path; where
+    they overlap the brighter pixel wins. Start positions and integer velocities (1-2 pixels a frame per axis)
+    come from ``seed``, so the set is the same everywhere. ``trajectories`` (N, digits, T, 2) holds every digit's
+    top-left (row, column) in every frame; ``labels`` are the first digit's class. Options through the data set
+    name, e.g. ``moving-digits:frames=16,size=32,digits=2``.
     """
-    still = digits()
+    if frames < 1 or digits < 1 or size < 8:
+        raise ValueError(f"moving-digits needs frames >= 1, digits >= 1 and size >= 8, got {frames}, {digits}, {size}")
+    still = DATASETS["digits"]()  # the function; the parameter ``digits`` shadows its name here
     generator = torch.Generator().manual_seed(seed)
     count, room = len(still), size - 8
-    position = torch.randint(0, room + 1, (count, 2), generator=generator)
-    speed = torch.randint(1, 3, (count, 2), generator=generator)
-    velocity = speed * (torch.randint(0, 2, (count, 2), generator=generator) * 2 - 1)
+    position = torch.randint(0, room + 1, (count, digits, 2), generator=generator)
+    speed = torch.randint(1, 3, (count, digits, 2), generator=generator)
+    velocity = speed * (torch.randint(0, 2, (count, digits, 2), generator=generator) * 2 - 1)
     clips = torch.full((count, 1, frames, size, size), -1.0)
-    trajectories = torch.empty(count, frames, 2, dtype=torch.long)
+    trajectories = torch.empty(count, digits, frames, 2, dtype=torch.long)
     for t in range(frames):
-        trajectories[:, t] = position
+        trajectories[:, :, t] = position
         for i in range(count):
-            r, c = position[i].tolist()
-            clips[i, 0, t, r : r + 8, c : c + 8] = still.images[i, 0]
+            for d in range(digits):
+                r, c = position[i, d].tolist()
+                window = clips[i, 0, t, r : r + 8, c : c + 8]
+                torch.maximum(window, still.images[(i + d) % count, 0], out=window)
         position = position + velocity  # reflect off the walls
         low, high = position < 0, position > room
         position = torch.where(low, -position, torch.where(high, 2 * room - position, position))
@@ -159,12 +167,52 @@ DATASETS: dict[str, Callable[[], ImageDataset]] = {
 }
 
 
-def load_dataset(name: str) -> ImageDataset:
-    """A built-in data set by name, or a shard folder written by ``difflab data shard``."""
+def dataset_spec(spec: str) -> tuple[str, dict]:
+    """(name, options) of a data set spec ``NAME[:key=value,...]``: ``moving-digits:frames=16,digits=2`` or
+    ``clips/:frames=8,size=32`` (integers become ints)."""
+    name, colon, rest = spec.rpartition(":")
+    if not colon or "=" not in rest:
+        return spec, {}
+    options = {}
+    for item in rest.split(","):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or not key.isidentifier() or not value:
+            raise ValueError(f"data set {spec!r}: options are key=value pairs separated by commas, got {item!r}")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, options
+
+
+def dataset_exists(spec: str) -> bool:
+    """Whether ``spec`` names a built-in set, a shard folder or a folder of videos (options not checked)."""
+    name, _ = dataset_spec(spec)
+    return name in DATASETS or Path(name).is_dir()
+
+
+def load_dataset(spec: str) -> ImageDataset:
+    """A built-in data set by name, a shard folder written by ``difflab data shard``, or a folder of video clips
+    (read whole into memory, see ``difflab.data.load_videos``); options after a colon (:func:`dataset_spec`)."""
+    name, options = dataset_spec(spec)
     if name in DATASETS:
-        return DATASETS[name]()
+        try:
+            return DATASETS[name](**options)
+        except TypeError:
+            raise ValueError(f"data set {name!r} takes no options {sorted(options)}") from None
     if (Path(name) / "index.json").is_file():
         from difflab.data.shards import read_shards
 
+        if options:
+            raise ValueError(f"a shard folder takes no options (they were fixed when it was written): {spec!r}")
         return read_shards(name)
-    raise ValueError(f"unknown data set {name!r}: not a shard folder, nor one of {', '.join(DATASETS)}")
+    if Path(name).is_dir():
+        from difflab.data.video import load_videos
+
+        try:
+            dataset, skipped = load_videos(name, **options)
+        except TypeError:
+            raise ValueError(f"a video folder takes the options frames, size, stride and mode, got {sorted(options)}"
+                             ) from None
+        if skipped:
+            warnings.warn(f"{name}: {len(skipped)} clips skipped, e.g. {skipped[0]['path']}: {skipped[0]['error']}",
+                          stacklevel=2)
+        return dataset
+    raise ValueError(f"unknown data set {spec!r}: not a shard or video folder, nor one of {', '.join(DATASETS)}")

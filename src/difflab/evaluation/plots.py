@@ -107,3 +107,45 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None 
     with replacing(path) as tmp:
         image_grid(images, columns).save(tmp, format="PNG")
     return Path(path)
+
+
+VIDEO_FORMATS = (".gif", ".mp4")
+
+
+def save_video(clips: torch.Tensor, path: str | Path, columns: int | None = None, fps: float = 8.0) -> Path:
+    """Clips (N, C, T, H, W) in [-1, 1] as one animation of their grid, frame by frame: ``.gif`` (Pillow, looping)
+    or ``.mp4`` (H.264 through PyAV, the ``video`` extra; the grid is padded to even sides, as yuv420p needs)."""
+    path = Path(path)
+    if clips.ndim != 5:
+        raise ValueError(f"a video needs clips (N, C, T, H, W), got shape {tuple(clips.shape)}")
+    if path.suffix not in VIDEO_FORMATS:
+        raise ValueError(f"a video is written as {' or '.join(VIDEO_FORMATS)}, got {path.name!r}")
+    frames = [image_grid(clips[:, :, t], columns).convert("RGB") for t in range(clips.shape[2])]
+    with replacing(path) as tmp:
+        if path.suffix == ".gif":
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                           loop=0)
+        else:
+            _write_mp4(frames, tmp, fps)
+    return path
+
+
+def _write_mp4(frames: list, path: Path, fps: float) -> None:
+    from fractions import Fraction
+
+    import numpy as np
+
+    try:
+        import av
+    except ImportError:
+        raise ModuleNotFoundError("writing MP4 needs PyAV: pip install 'difflab[video]' (or write a .gif)") from None
+    width, height = frames[0].size
+    even = (width + width % 2, height + height % 2)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = *even, "yuv420p"
+        for frame in frames:
+            canvas = np.full((even[1], even[0], 3), 255, np.uint8)
+            canvas[:height, :width] = np.asarray(frame)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames

@@ -25,7 +25,9 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # a built-in name (held in memory) or a shard folder (streamed; difflab data shard)
+    # A built-in name (held in memory), a shard folder (streamed; difflab data shard) or a folder of video clips,
+    # with options after a colon: "moving-digits:frames=16,digits=2", "clips/:frames=8,size=32".
+    dataset: str = "digits"
     workers: int = 0  # processes decoding a streamed shard folder; 0 decodes in the training process
     # Stage 2 of latent diffusion: an autoencoder run directory or a diffusers AutoencoderKL folder. The generator
     # learns its latents: encoded on the fly from images, or read from latent shards (difflab encode).
@@ -37,9 +39,11 @@ class DataConfig:
     def __post_init__(self):
         from difflab.conditioning.text import encoder_folder
         from difflab.data import DATASETS
+        from difflab.data.builtin import dataset_exists
 
-        if self.dataset not in DATASETS and not (Path(self.dataset) / "index.json").is_file():
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a shard folder, got {self.dataset!r}")
+        if not dataset_exists(self.dataset):
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, a shard folder or a folder of videos, "
+                             f"got {self.dataset!r}")
         _positive("workers", self.workers, allow_zero=True)
         if self.text_encoder is not None:
             encoder_folder(self.text_encoder)

@@ -146,8 +146,9 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
         options["mask"] = mask = check_mask(mask, init)  # the pixels' mask, checked once
     if run.encoder is not None and init is not None:
         options["init"] = torch.cat([run.encoder.encode(chunk.to(device)).cpu() for chunk in init.split(64)])
-        if mask is not None:
-            options["mask"] = F.adaptive_max_pool2d(mask, run.sample_shape[-2:])
+        if mask is not None:  # a latent pixel is generated where any of its pixels (or frames) is
+            pool = F.adaptive_max_pool3d if mask.ndim == 5 else F.adaptive_max_pool2d
+            options["mask"] = pool(mask, run.sample_shape[1:])
     if run.config.control.method == "inpaint":  # a mask-conditioned network: it also sees mask and known sample
         from difflab.control.objectives import inpainting_input
 
@@ -246,13 +247,16 @@ def evaluate(run: Run, n: int, seed: int = 0, extractor=None, progress: bool = F
 def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", seed: int = 0, progress: bool = False,
                   columns: int | None = None, **options) -> Path:
     """Sample a run into a PNG grid (``columns`` wide; by default a column per class of a balanced
-    class-conditional run) or an ``.npz`` archive (``images`` uint8 NHWC, ``labels`` int64, and the ``prompts``
-    of a text model)."""
-    from difflab.evaluation.plots import save_image_grid
+    class-conditional run; a video run's clips a row each, frames left to right), a ``.gif`` or ``.mp4``
+    animation of a video run's grid, or an ``.npz`` archive (``images`` uint8 NHWC or NTHWC, ``labels`` int64,
+    and the ``prompts`` of a text model)."""
+    from difflab.evaluation.plots import VIDEO_FORMATS, save_image_grid, save_video
 
     out = Path(out)
-    if out.suffix not in (".png", ".npz"):
-        raise ValueError(f"--out must end in .png or .npz, got {out.name!r}")
+    if out.suffix not in (".png", ".npz", *VIDEO_FORMATS):
+        raise ValueError(f"--out must end in .png, .npz, .gif or .mp4, got {out.name!r}")
+    if out.suffix in VIDEO_FORMATS and not run.config.model.get("frames"):
+        raise ValueError(f"{out.suffix} is for video runs; this run makes images: write a .png or .npz")
     if is_autoencoder(run.config):  # pictures of what it does: data over reconstruction
         if out.suffix != ".png":
             raise ValueError("an autoencoder run writes its reconstructions as a .png grid")
@@ -261,10 +265,12 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = options.get("prompts")
     prompts = None if prompts is None else [prompts] * n if isinstance(prompts, str) else list(prompts)
+    if columns is None and class_label == "balanced" and run.num_classes and images.ndim == 4:
+        columns = run.num_classes
     if out.suffix == ".png":
-        if columns is None and class_label == "balanced" and run.num_classes:
-            columns = run.num_classes
         return save_image_grid(images, out, columns=columns)
+    if out.suffix in VIDEO_FORMATS:
+        return save_video(images, out, columns=columns)
     pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     pixels = pixels.movedim(1, -1).numpy()  # (N, H, W, C) or (N, T, H, W, C)
     arrays = {"images": pixels}

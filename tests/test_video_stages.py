@@ -1,0 +1,119 @@
+"""Video through the stages: moving digits -> a video U-Net trained briefly -> samples as PNG, GIF, MP4 and .npz
+(read back), image-to-video and interpolation through the inpainting machinery in time, a video folder as a data
+set, and a latent video run's masks."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.cli import main
+from difflab.control.inputs import frame_mask, read_video
+from difflab.data import load_dataset
+from difflab.data.video import read_clip
+from difflab.training import Trainer, resolve
+from difflab.training.run import draw, load_run
+
+FRAMES, SIZE = 4, 12
+TINY_VIDEO = {
+    "model": {"arch": "unet", "channels": 16, "channel_mult": [1], "blocks_per_level": 1,
+              "attention_resolutions": [], "head_dim": 16, "temporal": "attention"},
+    "data": {"dataset": f"moving-digits:frames={FRAMES},size={SIZE}"},
+    "optim": {"lr": 0.002, "warmup_steps": 2},
+    "train": {"steps": 4, "batch": 8, "log_every": 2, "checkpoint_every": 100, "threads": 1, "ema_decays": [0.9]},
+    "sample": {"steps": 4, "n": 4, "solver": "euler"},
+}
+
+
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("video") / "run"
+    Trainer(resolve(TINY_VIDEO), run, progress=False).fit()
+    return run
+
+
+def test_a_video_run_trains_and_samples_clips_in_every_format(video_run, tmp_path):
+    run = load_run(video_run)
+    assert run.sample_shape == (1, FRAMES, SIZE, SIZE) and run.config.model["frames"] == FRAMES
+    assert (video_run / "samples").is_dir() and any((video_run / "samples").glob("*.png"))
+    for suffix in (".png", ".gif", ".mp4", ".npz"):
+        out = tmp_path / f"clips{suffix}"
+        assert main(["sample", str(video_run), "--n", "3", "--out", str(out), "--no-progress"]) == 0
+    with np.load(tmp_path / "clips.npz") as archive:
+        clips = archive["images"]
+    assert clips.shape == (3, FRAMES, SIZE, SIZE, 1) and clips.dtype == np.uint8
+    width, height = Image.open(tmp_path / "clips.png").size  # a clip per row, frames left to right
+    assert width > height
+    for suffix in (".gif", ".mp4"):  # an animation of the grid, frame by frame, that reads back
+        decoded = read_clip(tmp_path / f"clips{suffix}", "L")
+        assert len(decoded) == FRAMES and decoded[0].size[0] >= 3 * SIZE
+    gif = [np.asarray(frame, dtype=np.int16) for frame in read_clip(tmp_path / "clips.gif", "L")]
+    first = gif[0][1 : 1 + 2 * SIZE : 2, 1 : 1 + 2 * SIZE : 2]  # clip 0, frame 0 (grids upscale 12 px by 2)
+    assert np.abs(first - clips[0, 0, :, :, 0]).max() <= 1  # GIF is lossless for grey
+
+
+def test_image_to_video_and_interpolation_keep_the_given_frames_exactly(video_run, tmp_path):
+    run = load_run(video_run)
+    clip = load_dataset(f"moving-digits:frames={FRAMES},size={SIZE}").images[:1]  # (1, 1, T, H, W)
+    still = clip[:, :, :1].expand(-1, -1, FRAMES, -1, -1)
+    generated, _ = draw(run, 2, init=still, mask=frame_mask([0], FRAMES))
+    assert torch.allclose(generated[:, :, 0], clip[:, :, 0].expand(2, -1, -1, -1), atol=1e-6)
+    assert not torch.allclose(generated[:, :, 1], clip[:, :, 0].expand(2, -1, -1, -1))
+    between, _ = draw(run, 2, init=clip, mask=frame_mask([0, -1], FRAMES))
+    assert torch.allclose(between[:, :, [0, -1]], clip[:, :, [0, -1]].expand(2, -1, -1, -1, -1), atol=1e-6)
+    # The same through the CLI: a PNG as the first frame, and a GIF clip whose ends are kept.
+    frame = ((clip[0, 0, 0] + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(frame, "L").save(tmp_path / "first.png")
+    out = tmp_path / "i2v.npz"
+    assert main(["sample", str(video_run), "--init-image", str(tmp_path / "first.png"), "--keep-frames", "0",
+                 "--n", "2", "--out", str(out), "--no-progress"]) == 0
+    with np.load(out) as archive:
+        assert np.abs(archive["images"][:, 0, :, :, 0].astype(int) - frame).max() <= 1
+    frames = [Image.fromarray(((f + 1) * 127.5).round().byte().numpy(), "L") for f in clip[0, 0]]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    torch.testing.assert_close(read_video(tmp_path / "clip.gif", FRAMES, SIZE, 1), clip, atol=1 / 127.5, rtol=0)
+    assert main(["sample", str(video_run), "--init-video", str(tmp_path / "clip.gif"), "--keep-frames", "0,-1",
+                 "--n", "1", "--out", str(tmp_path / "between.gif"), "--no-progress"]) == 0
+
+
+def test_video_control_errors_are_one_line(video_run, tmp_path, capsys):
+    base = ["sample", str(video_run), "--out", str(tmp_path / "x.gif"), "--no-progress"]
+    for args, message in (
+        (["--keep-frames", "0"], "keeps frames of --init-video"),
+        (["--init-video", str(tmp_path / "missing.gif"), "--keep-frames", "0"], "no clip at"),
+        (["--init-image", "a.png", "--init-video", "b.gif"], "not both"),
+    ):
+        assert main(base + args) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="outside a clip of 4 frames"):
+        frame_mask([4], FRAMES)
+    with pytest.raises(ValueError, match="nothing is left to generate"):
+        frame_mask([0, 1, 2, 3], FRAMES)
+    (tmp_path / "short.gif").write_bytes(b"GIF89a")  # not decodable
+    with pytest.raises(ValueError, match="not a readable clip"):
+        read_video(tmp_path / "short.gif", FRAMES, SIZE, 1)
+
+
+def test_image_runs_refuse_video_outputs_and_controls(tmp_path, capsys):
+    config = {**TINY_VIDEO, "model": {**TINY_VIDEO["model"], "temporal": None}, "data": {"dataset": "digits"},
+              "train": {**TINY_VIDEO["train"], "steps": 1}}
+    Trainer(resolve(config), tmp_path / "run", progress=False).fit()
+    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "x.gif")]) == 2
+    assert ".gif is for video runs" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "run"), "--keep-frames", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "for video runs" in capsys.readouterr().err
+
+
+def test_a_folder_of_clips_is_a_data_set_with_options(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    digits = load_dataset(f"moving-digits:frames=6,size={SIZE}").images[:3]
+    for k, clip in enumerate(digits):
+        frames = [Image.fromarray(((f + 1) * 127.5).round().byte().numpy(), "L") for f in clip[0]]
+        frames[0].save(folder / f"{k}.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    data = load_dataset(f"{folder}:frames=5,size=8,mode=L")
+    assert data.images.shape == (3, 1, 5, 8, 8)
+    config = resolve({**TINY_VIDEO, "data": {"dataset": f"{folder}:frames=5,size=8,mode=L"}})
+    assert config.model["frames"] == 5 and config.model["resolution"] == 8
+    with pytest.raises(ValueError, match="takes the options frames, size"):
+        load_dataset(f"{folder}:colour=red")
