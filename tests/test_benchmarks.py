@@ -219,3 +219,20 @@ def test_text_to_image_benchmark_smoke(text_to_image_module, text_run, tmp_path,
     width, height = Image.open(figure).size
     assert height > width  # 16 prompts (rows) at 2 scales (columns)
     assert "top-5" in capsys.readouterr().out
+
+
+@pytest.fixture
+def video_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "video")
+
+
+def test_video_benchmark_smoke(video_module, tmp_path, capsys):
+    out, figure = tmp_path / "video.json", tmp_path / "video.png"
+    assert video_module.main(["--quick", "--work", str(tmp_path / "runs"), "--json", str(out),
+                              "--figure", str(figure)]) == 0
+    result = json.loads(out.read_text())
+    assert result["real"]["identity_kept"] > 0.9  # the measure reads real clips right
+    assert set(result["models"]) == {"video", "frame-independent"}
+    assert all(0 <= row["identity_kept"] <= 1 and row["clips_per_second"] > 0 for row in result["models"].values())
+    assert figure.is_file() and figure.with_suffix(".gif").is_file()
+    assert "identity kept" in capsys.readouterr().out

@@ -149,6 +149,8 @@ def test_conditioning_errors_are_clear():
         conditioned(x, c_noise, class_labels=cond["class_labels"], text=cond["text"])
     with pytest.raises(ValueError, match="no temporal layers"):
         plain(torch.randn(2, 3, 2, 8, 8), c_noise)
+    one_frame = torch.randn(2, 3, 1, 8, 8)  # a one-frame clip is an image
+    torch.testing.assert_close(plain(one_frame, c_noise), plain(one_frame[:, :, 0], c_noise)[:, :, None])
     with pytest.raises(ValueError, match="patches"):
         build_network(DIT)(torch.randn(2, 3, 7, 8), c_noise)
 

@@ -239,8 +239,9 @@ class UNet(nn.Module):
         c = self.config
         x = _network_input(x, concat, c.concat_channels)
         video = x.ndim == 5
-        if video and not c.temporal:
-            raise ValueError("got a video batch (B, C, T, H, W) but this U-Net has no temporal layers (temporal: null)")
+        if video and not c.temporal and x.shape[2] > 1:  # one-frame clips are images (a frame-independent model)
+            raise ValueError(f"got a video batch (B, C, T, H, W) of {x.shape[2]} frames but this U-Net has no temporal "
+                             "layers (temporal: null)")
         frames = x.shape[2] if video else 1
         x = _frames_as_images(x, c.channels_last)
         conditioning = (c_noise, class_labels, text, text_mask, guidance_scale)

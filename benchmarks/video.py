@@ -1,0 +1,166 @@
+"""Video on moving digits: temporal coherence of a space-time U-Net against frame-independent sampling.
+
+Both models are the same U-Net family trained for the same number of steps on the same frames
+(``moving-digits``: 1,797 real digits bouncing on a 24x24 canvas, 8 frames):
+
+- **video**: the U-Net's video form (a zero-initialised temporal attention layer after each spatial block) on the
+  clips (B, 1, 8, 24, 24);
+- **frame-independent baseline**: the image U-Net (no temporal layers) on single frames, ``--batch`` x 8 frames a
+  step so it sees as many frames; a clip is 8 of its samples with independent noise.
+
+Measured on ``--samples`` clips of each (and on as many real clips, the reference):
+
+- **identity kept**: each frame's digit is read by difflab's digit classifier on an 8x8 crop around the frame's
+  centre of mass; the share of frames that agree with their clip's majority class;
+- **trajectory smoothness**: the mean absolute second difference (pixels per frame squared) of the centre of
+  mass along the clip: 0 for straight motion; real clips are not 0 only at bounces;
+- **per-frame Fréchet distance** of the frames to real frames (features: the classifier of k-means clusters of
+  real frames, ``difflab.evaluation.cluster_features``), and **clips per second** at 18 Heun steps.
+
+    .venv/bin/python benchmarks/video.py --json out/bench/video.json --figure docs/figures/video_samples.png
+    .venv/bin/python benchmarks/video.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.data import load_dataset
+from difflab.evaluation import FeatureExtractor, cluster_features, feature_network, frechet_distance
+from difflab.evaluation.plots import save_image_grid, save_video
+from difflab.training import Trainer, resolve
+from difflab.training.run import draw, load_run
+
+FRAMES, SIZE = 8, 24
+DATA = f"moving-digits:frames={FRAMES},size={SIZE}"
+UNET = {"arch": "unet", "channels": 32, "channel_mult": [1, 2], "blocks_per_level": 2,
+        "attention_resolutions": [12], "head_dim": 32}
+
+
+def train(run_dir: Path, model: dict, dataset: str, batch: int, steps: int, threads: int, sample_steps: int) -> float:
+    """Train (or reuse a finished run in ``run_dir``); the training minutes."""
+    if (run_dir / "checkpoints").is_dir():
+        return float("nan")
+    config = {"model": model, "data": {"dataset": dataset},
+              "optim": {"lr": 0.002, "warmup_steps": 100, "decay": "cosine", "min_lr_ratio": 0.05},
+              "train": {"steps": steps, "batch": batch, "log_every": 50, "checkpoint_every": steps,
+                        "threads": threads, "ema_decays": [0.999]},
+              "sample": {"solver": "heun", "steps": sample_steps, "n": 8}}
+    start = time.perf_counter()
+    Trainer(resolve(config), run_dir, progress=True).fit()
+    return (time.perf_counter() - start) / 60
+
+
+def centres(clips: torch.Tensor) -> torch.Tensor:
+    """Centre of mass (row, column) of each frame's ink, (N, T, 2); ink is the pixel value above black."""
+    ink = (clips[:, 0] + 1).clamp(min=0)  # (N, T, H, W)
+    grid = torch.arange(clips.shape[-1], dtype=clips.dtype)
+    total = ink.sum((-2, -1)).clamp(min=1e-6)
+    return torch.stack([(ink.sum(-1) * grid).sum(-1) / total, (ink.sum(-2) * grid).sum(-1) / total], -1)
+
+
+def digit_classes(clips: torch.Tensor, classifier: FeatureExtractor) -> torch.Tensor:
+    """Each frame's digit class (N, T): the classifier on the 8x8 crop around the frame's centre of mass."""
+    n, _, t, size, _ = clips.shape
+    corner = (centres(clips) - 3.5).round().long().clamp(0, size - 8)  # (N, T, 2)
+    rows = corner[..., 0, None] + torch.arange(8)  # (N, T, 8)
+    cols = corner[..., 1, None] + torch.arange(8)
+    frames = clips[:, 0]  # (N, T, H, W)
+    index_n, index_t = torch.arange(n)[:, None, None, None], torch.arange(t)[None, :, None, None]
+    crops = frames[index_n, index_t, rows[..., :, None], cols[..., None, :]]  # (N, T, 8, 8)
+    return classifier.logits(crops.reshape(n * t, 1, 8, 8)).argmax(1).view(n, t)
+
+
+def coherence(clips: torch.Tensor, classifier: FeatureExtractor) -> dict:
+    classes = digit_classes(clips, classifier)
+    majority = classes.mode(1).values
+    path = centres(clips)
+    acceleration = (path[:, 2:] - 2 * path[:, 1:-1] + path[:, :-2]).norm(dim=-1)
+    return {"identity_kept": (classes == majority[:, None]).double().mean().item(),
+            "acceleration_px": acceleration.mean().item()}
+
+
+def clips_of(run_dir: Path, n: int, video: bool, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """n clips (N, 1, T, H, W) and the clips per second: the video model's, or T independent frames each."""
+    run = load_run(run_dir)
+    start = time.perf_counter()
+    if video:
+        clips, _ = draw(run, n, seed=seed)
+    else:
+        frames, _ = draw(run, n * FRAMES, seed=seed)  # (n T, 1, 1, H, W): a one-frame clip each
+        clips = frames.view(n, FRAMES, 1, SIZE, SIZE).transpose(1, 2)
+    return clips, n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("out/bench/video"), help="run directories here")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps of each model")
+    parser.add_argument("--batch", type=int, default=16, help="clips per video step (the baseline: x 8 frames)")
+    parser.add_argument("--samples", type=int, default=200, help="clips sampled from each model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--figure", type=Path, help="frames of 6 clips of each model (PNG; a GIF beside it)")
+    parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, clusters, epochs, sample_steps = UNET, 32, 15, 18
+    if args.quick:
+        args.steps, args.batch, args.samples, clusters, epochs, sample_steps = 3, 2, 6, 4, 1, 2
+        model = {**UNET, "channels": 16, "channel_mult": [1], "attention_resolutions": []}
+
+    real = load_dataset(DATA).images
+    digits = load_dataset("digits")
+    classifier = FeatureExtractor.from_network(feature_network(digits.images, digits.labels))
+    real_frames = real.transpose(1, 2).flatten(0, 1)  # (N T, 1, H, W)
+    pick = torch.randperm(len(real_frames), generator=torch.Generator().manual_seed(0))[:5000]
+    frame_features = cluster_features(real_frames[pick], clusters, epochs)
+    real_features = frame_features(real_frames[pick])
+
+    results = {"data": DATA, "steps": args.steps, "batch_clips": args.batch, "samples": args.samples,
+               "models": {}}
+    reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[: args.samples]]
+    results["real"] = coherence(reference, classifier)
+    shown = {}
+    for name, video in (("video", True), ("frame-independent", False)):
+        run_dir = args.work / name
+        minutes = train(run_dir, {**model, "temporal": "attention"} if video else model,
+                        DATA if video else f"moving-digits:frames=1,size={SIZE}",
+                        args.batch if video else args.batch * FRAMES, args.steps, args.threads, sample_steps)
+        clips, speed = clips_of(run_dir, args.samples, video)
+        frames = clips.transpose(1, 2).flatten(0, 1)
+        row = {**coherence(clips, classifier), "frame_fd": frechet_distance(frame_features(frames), real_features),
+               "clips_per_second": speed, "train_minutes": minutes}
+        results["models"][name] = row
+        shown[name] = clips[:6]
+        print(f"{name}: {json.dumps(row)}", flush=True)
+    floor = real.transpose(1, 2).flatten(0, 1)
+    other = torch.randperm(len(floor), generator=torch.Generator().manual_seed(2))[: args.samples * FRAMES]
+    results["frame_fd_floor"] = frechet_distance(frame_features(floor[other]), real_features)
+
+    print(f"\n{'':>18} | identity kept | acceleration (px/frame^2) | frame FD | clips/s")
+    for name, row in [("real clips", results["real"]), *results["models"].items()]:
+        fd = f"{row['frame_fd']:8.2f}" if "frame_fd" in row else f"{results['frame_fd_floor']:8.2f}"
+        speed = f"{row['clips_per_second']:7.1f}" if "clips_per_second" in row else " " * 7
+        print(f"{name:>18} | {row['identity_kept']:13.1%} | {row['acceleration_px']:25.2f} | {fd} | {speed}")
+    if args.figure:
+        panel = torch.cat([reference[:6], shown["video"], shown["frame-independent"]])
+        save_image_grid(panel, args.figure)
+        save_video(panel, args.figure.with_suffix(".gif"), columns=6, fps=4)
+        results["figure"] = str(args.figure)
+        print(f"figure: {args.figure} and {args.figure.with_suffix('.gif')} (rows: 6 real clips, 6 of the video "
+              "model, 6 frame-independent)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
