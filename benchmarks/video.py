@@ -1,10 +1,10 @@
 """Video on moving digits: temporal coherence of a space-time U-Net against frame-independent sampling.
 
-Both models are the same U-Net family trained for the same number of steps on the same frames
-(``moving-digits``: 1,797 real digits bouncing on a 24x24 canvas, 8 frames):
+Both models are ``configs/moving-digits.yaml``'s U-Net trained for the same number of steps on the same frames
+(``moving-digits``: 1,797 real digits bouncing on a 16x16 canvas, 8 frames):
 
 - **video**: the U-Net's video form (a zero-initialised temporal attention layer after each spatial block) on the
-  clips (B, 1, 8, 24, 24);
+  clips (B, 1, 8, 16, 16);
 - **frame-independent baseline**: the image U-Net (no temporal layers) on single frames, ``--batch`` x 8 frames a
   step so it sees as many frames; a clip is 8 of its samples with independent noise.
 
@@ -31,27 +31,28 @@ from pathlib import Path
 
 import torch
 
+from difflab.config import load_yaml
 from difflab.data import load_dataset
 from difflab.evaluation import FeatureExtractor, cluster_features, feature_network, frechet_distance
 from difflab.evaluation.plots import save_image_grid, save_video
 from difflab.training import Trainer, resolve
 from difflab.training.run import draw, load_run
 
-FRAMES, SIZE = 8, 24
+RECIPE = Path(__file__).parents[1] / "configs" / "moving-digits.yaml"  # the video model; its data fix FRAMES, SIZE
+FRAMES, SIZE = 8, 16
 DATA = f"moving-digits:frames={FRAMES},size={SIZE}"
-UNET = {"arch": "unet", "channels": 32, "channel_mult": [1, 2], "blocks_per_level": 2,
-        "attention_resolutions": [12], "head_dim": 32}
 
 
-def train(run_dir: Path, model: dict, dataset: str, batch: int, steps: int, threads: int, sample_steps: int) -> float:
-    """Train (or reuse a finished run in ``run_dir``); the training minutes."""
+def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, threads: int, sample_steps: int) -> float:
+    """Train the recipe (the baseline: without temporal layers, on single frames) or reuse a finished run in
+    ``run_dir``; the training minutes."""
     if (run_dir / "checkpoints").is_dir():
         return float("nan")
-    config = {"model": model, "data": {"dataset": dataset},
-              "optim": {"lr": 0.002, "warmup_steps": 100, "decay": "cosine", "min_lr_ratio": 0.05},
-              "train": {"steps": steps, "batch": batch, "log_every": 50, "checkpoint_every": steps,
-                        "threads": threads, "ema_decays": [0.999]},
-              "sample": {"solver": "heun", "steps": sample_steps, "n": 8}}
+    model = recipe["model"] if video else {**recipe["model"], "temporal": None}
+    config = {**recipe, "model": model, "data": {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"},
+              "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
+                        "sample_every": 0, "threads": threads},
+              "sample": {**recipe["sample"], "steps": sample_steps}}
     start = time.perf_counter()
     Trainer(resolve(config), run_dir, progress=True).fit()
     return (time.perf_counter() - start) / 60
@@ -101,8 +102,8 @@ def clips_of(run_dir: Path, n: int, video: bool, seed: int = 0) -> tuple[torch.T
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("out/bench/video"), help="run directories here")
-    parser.add_argument("--steps", type=int, default=2000, help="training steps of each model")
-    parser.add_argument("--batch", type=int, default=16, help="clips per video step (the baseline: x 8 frames)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of each model (the recipe's: 1500)")
+    parser.add_argument("--batch", type=int, default=8, help="clips per video step (the baseline: x 8 frames)")
     parser.add_argument("--samples", type=int, default=200, help="clips sampled from each model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -110,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, clusters, epochs, sample_steps = UNET, 32, 15, 18
+    recipe = load_yaml(RECIPE)
+    if recipe["data"]["dataset"] != DATA:
+        raise SystemExit(f"{RECIPE} trains on {recipe['data']['dataset']}; this benchmark measures {DATA}")
+    clusters, epochs, sample_steps = 32, 15, recipe["sample"]["steps"]
     if args.quick:
         args.steps, args.batch, args.samples, clusters, epochs, sample_steps = 3, 2, 6, 4, 1, 2
-        model = {**UNET, "channels": 16, "channel_mult": [1], "attention_resolutions": []}
+        recipe["model"] = {**recipe["model"], "channels": 16, "channel_mult": [1]}
 
     real = load_dataset(DATA).images
     digits = load_dataset("digits")
@@ -130,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = {}
     for name, video in (("video", True), ("frame-independent", False)):
         run_dir = args.work / name
-        minutes = train(run_dir, {**model, "temporal": "attention"} if video else model,
-                        DATA if video else f"moving-digits:frames=1,size={SIZE}",
-                        args.batch if video else args.batch * FRAMES, args.steps, args.threads, sample_steps)
+        minutes = train(run_dir, recipe, video, args.batch if video else args.batch * FRAMES, args.steps, args.threads,
+                        sample_steps)
         clips, speed = clips_of(run_dir, args.samples, video)
         frames = clips.transpose(1, 2).flatten(0, 1)
         row = {**coherence(clips, classifier), "frame_fd": frechet_distance(frame_features(frames), real_features),
