@@ -43,6 +43,50 @@ def _solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from difflab.config import ConfigError, apply_overrides, load_yaml
+    from difflab.training.config import RunConfig, resolve
+    from difflab.training.plan import GIB, plan
+
+    try:
+        if args.config.endswith((".yaml", ".yml")):
+            mapping = apply_overrides(load_yaml(args.config), args.set)
+            try:  # the model completed from its data (input size, classes, text width)
+                config = resolve(mapping)
+            except (ConfigError, ValueError, FileNotFoundError) as exc:
+                from difflab.config import build
+
+                print(f"difflab plan: note: the model is not completed from its data ({exc}); unset input sizes "
+                      "take the network defaults (--set model.resolution=... to choose)", file=sys.stderr)
+                config = build(RunConfig, mapping)
+        else:
+            config = RunConfig(model={"preset": args.config})
+        t = config.train
+        facts, estimates, best = plan(config.model, gpus=args.gpus, gpu_memory_gib=args.gpu_memory,
+                                      batch=args.batch or t.batch, gpus_per_node=args.gpus_per_node,
+                                      accumulation=t.accumulation, precision=t.precision,
+                                      emas=len(t.ema_decays) + len(t.ema_sigma_rels))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"difflab plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{facts['parameters'] / 1e6:,.1f} M parameters; activations {facts['activation_bytes'] / 2**20:,.1f} "
+          f"MiB per sample (fp32); {args.gpus} GPUs of {args.gpu_memory:g} GiB, {args.gpus_per_node} per node")
+    kinds = [k for k in ("weights", "gradients", "optimizer", "ema", "activations", "buckets", "gathered")
+             if any(k in e.memory for e in estimates)]
+    print(f"{'strategy':8} " + " ".join(f"{k:>11}" for k in kinds) + f" {'total GiB':>9} {'fits':>4} "
+          f"{'intra GB':>9} {'inter GB':>9} {'comm s':>7}")
+    for e in estimates:
+        cells = " ".join(f"{e.memory.get(k, 0) / GIB:11.2f}" for k in kinds)
+        print(f"{e.strategy:8} {cells} {e.memory['total'] / GIB:9.2f} {'yes' if e.fits else 'no':>4} "
+              f"{e.intra_node_bytes / 1e9:9.2f} {e.inter_node_bytes / 1e9:9.2f} {e.communication_seconds:7.3f}")
+    if best is None:
+        print("difflab plan: no strategy fits: lower train.batch per device (more accumulation), use bf16, "
+              "activation checkpointing, or more GPUs")
+        return 1
+    print(f"recommended: {best.strategy} (least communication among the strategies that fit)")
+    return 0
+
+
 def _model_info(args: argparse.Namespace) -> int:
     from difflab.config import apply_overrides
     from difflab.models.factory import load_config_file, model_info
@@ -781,6 +825,15 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--per-shard", type=_positive_int, default=1000, help="latents per shard")
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
     encode.set_defaults(run=_encode)
+    planner = verbs.add_parser("plan", help="memory and communication of DDP, FSDP2 and HSDP for a config on N GPUs")
+    planner.add_argument("config", help="a run config (YAML) or a model preset name (e.g. dit_xl_2)")
+    planner.add_argument("--gpus", type=_positive_int, required=True, help="number of devices")
+    planner.add_argument("--gpu-memory", type=float, required=True, help="memory per device in GiB (e.g. 80)")
+    planner.add_argument("--gpus-per-node", type=_positive_int, default=8, help="devices per node (default: 8)")
+    planner.add_argument("--batch", type=_positive_int, help="global batch (default: the config's train.batch)")
+    planner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    planner.set_defaults(run=_plan)
+
     info = verbs.add_parser("model-info", help="parameters, FLOPs and activation memory of a network config")
     info.add_argument("config", help="a preset name (e.g. dit_s_2, unet_32) or a YAML file with a model: section")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
