@@ -43,6 +43,41 @@ def _solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def torchrun_command(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0,
+                     endpoint: str | None = None, run_id: str = "difflab") -> list[str]:
+    """The torchrun command that runs ``difflab train TRAIN_ARGS`` on ``nproc`` processes per node: standalone on
+    one node, or joining the c10d rendezvous at ``endpoint`` (HOST:PORT, the same on every node)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if nnodes == 1:
+        command.append("--standalone")
+    else:
+        if endpoint is None:
+            raise ValueError("several nodes need --rdzv-endpoint HOST:PORT (a node all of them reach)")
+        command += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
+    return [*command, "-m", "difflab", "train", *train_args]
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    if args.node_rank >= args.nnodes:
+        print(f"difflab launch: error: --node-rank {args.node_rank} is not below --nnodes {args.nnodes}",
+              file=sys.stderr)
+        return 2
+    try:
+        command = torchrun_command(args.nproc, [args.config, *args.train_args], args.nnodes, args.node_rank,
+                                   args.rdzv_endpoint, args.rdzv_id)
+    except ValueError as exc:
+        print(f"difflab launch: error: {exc}", file=sys.stderr)
+        return 2
+    print(shlex.join(command), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(command).returncode
+
+
 def _plan(args: argparse.Namespace) -> int:
     from difflab.config import ConfigError, apply_overrides, load_yaml
     from difflab.training.config import RunConfig, resolve
@@ -684,6 +719,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+    launch = verbs.add_parser("launch", help="difflab train on several processes or nodes: a thin torchrun wrapper")
+    launch.add_argument("--nproc", type=_positive_int, required=True, help="processes (GPUs) per node")
+    launch.add_argument("--nnodes", type=_positive_int, default=1, help="nodes (default: 1, standalone)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="several nodes: where they meet (c10d)")
+    launch.add_argument("--rdzv-id", default="difflab", help="several nodes: the same job id on each")
+    launch.add_argument("--dry-run", action="store_true", help="print the torchrun command and stop")
+    launch.add_argument("config", help="the config, as for difflab train")
+    launch.add_argument("train_args", nargs=argparse.REMAINDER, help="difflab train's options (--set, --run-dir...)")
+    launch.set_defaults(run=_launch)
     student = verbs.add_parser("distill", help="distil a trained run into a few-step student (its own run directory)")
     student.add_argument("teacher", type=Path, help="the teacher's run directory")
     student.add_argument("--method", required=True,
