@@ -142,3 +142,13 @@ def test_latent_video_through_every_stage(tmp_path):
     generated, _ = draw(run, 2, init=still, mask=frame_mask([0], 5))
     assert generated.shape == (2, 1, 5, SIZE, SIZE)
     torch.testing.assert_close(generated[:, :, 0], clip[:, :, 0].expand(2, -1, -1, -1))
+    # Exported with its autoencoder inside and moved, the run samples the same clips (fp16 weights: nearly).
+    assert main(["export", str(tmp_path / "gen"), "--out", str(tmp_path / "shared")]) == 0
+    (tmp_path / "shared").rename(tmp_path / "moved")
+    shared = load_run(tmp_path / "moved")
+    assert shared.weights == run.weights and not list((tmp_path / "moved").rglob("trainer*"))  # no optimizer
+    torch.testing.assert_close(draw(shared, 2)[0], draw(run, 2)[0], atol=0.05, rtol=0)
+    exact = tmp_path / "exact"
+    assert main(["export", str(tmp_path / "gen"), "--out", str(exact), "--full-precision"]) == 0
+    torch.testing.assert_close(draw(load_run(exact), 2)[0], draw(run, 2)[0])
+    assert main(["export", str(tmp_path / "gen"), "--out", str(exact)]) == 2  # not over an existing export

@@ -78,6 +78,19 @@ def _launch(args: argparse.Namespace) -> int:
     return subprocess.run(command).returncode
 
 
+def _export(args: argparse.Namespace) -> int:
+    from difflab.training.run import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, half=not args.full_precision)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"difflab export: error: {exc}", file=sys.stderr)
+        return 2
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"difflab export: {args.run_dir} -> {out} ({size / 2**20:.1f} MB); difflab sample {out} ... uses it")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from difflab.config import ConfigError, apply_overrides, load_yaml
     from difflab.training.config import RunConfig, resolve
@@ -817,6 +830,12 @@ def build_parser() -> argparse.ArgumentParser:
     inversion.add_argument("--out", type=Path, default=Path("inversion.npz"),
                            help=".npz with noise, reconstruction and psnr; a .png beside it shows both pictures")
     inversion.set_defaults(run=_invert)
+
+    export = verbs.add_parser("export", help="a slim copy of a run to share: config, sampling weights, autoencoder")
+    export.add_argument("run_dir", type=Path, help="a run directory")
+    export.add_argument("--out", type=Path, required=True, help="a new folder")
+    export.add_argument("--full-precision", action="store_true", help="keep fp32 weights (default: fp16, half size)")
+    export.set_defaults(run=_export)
 
     evaluate = verbs.add_parser("eval", help="sample a run and score it: Fréchet distance, precision/recall, ...")
     evaluate.add_argument("run_dir", type=Path, help="a run directory written by difflab train")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors import safe_open
 from torch import nn
 
@@ -86,27 +88,72 @@ def load_run(run_dir: str | Path, ema: str | None = None, checkpoint: int | None
     The trainer writes ``data.encoder`` as an absolute path; a relative one is relative to the run directory, so a
     latent run can travel with its autoencoder in a sub-folder."""
     run_dir = Path(run_dir)
+    mapping = _run_mapping(run_dir)
+    config = resolve(mapping)
+    path, weights = _weights_file(run_dir, config.sample.ema, ema, checkpoint)
+    encoder = load_encoder(config.data.encoder, device) if config.data.encoder else None
+    return Run(config, make_model(config, ckpt.load_tensors(path), device), path.parent, weights, encoder)
+
+
+def _run_mapping(run_dir: Path) -> dict:
+    """A run's config.yaml, with a relative ``data.encoder`` made absolute against the run directory."""
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     mapping = load_yaml(run_dir / "config.yaml")
     encoder = (mapping.get("data") or {}).get("encoder")
-    if encoder and not Path(encoder).is_absolute():  # a run shipped with its autoencoder inside (e.g. pretrained/)
+    if encoder and not Path(encoder).is_absolute():  # a run shipped with its autoencoder inside (difflab export)
         mapping["data"]["encoder"] = str((run_dir / encoder).resolve())
-    config = resolve(mapping)
+    return mapping
+
+
+def _weights_file(run_dir: Path, default: str | None, ema: str | None = None,
+                  checkpoint: int | None = None) -> tuple[Path, str]:
+    """(the weights file, "model" or the EMA's name) a run samples with: ``ema`` or the config's ``sample.ema``
+    (``default``), else its first EMA, else the raw weights; of checkpoint ``checkpoint`` or the latest."""
     checkpoints = run_dir / "checkpoints"
     folder = checkpoints / ckpt.step_name(checkpoint) if checkpoint else ckpt.latest_checkpoint(checkpoints)
     if folder is None or not folder.is_dir():
         raise FileNotFoundError(f"no checkpoint {'at step ' + str(checkpoint) if checkpoint else ''} in {checkpoints}")
     available = sorted(p.name[len("ema-") : -len(".safetensors")] for p in folder.glob("ema-*.safetensors"))
-    name = ema or config.sample.ema or (available[0] if available else "none")
+    name = ema or default or (available[0] if available else "none")
     if name == "none":
-        path, weights = folder / "model.safetensors", "model"
-    else:
-        path, weights = folder / ema_file(name), f"ema-{name.removeprefix('ema-')}"
-        if not path.is_file():
-            raise FileNotFoundError(f"no EMA {name!r} in {folder}; available: {', '.join(available) or 'none'}")
-    encoder = load_encoder(config.data.encoder, device) if config.data.encoder else None
-    return Run(config, make_model(config, ckpt.load_tensors(path), device), folder, weights, encoder)
+        return folder / "model.safetensors", "model"
+    path = folder / ema_file(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no EMA {name!r} in {folder}; available: {', '.join(available) or 'none'}")
+    return path, f"ema-{name.removeprefix('ema-')}"
+
+
+def export_run(run_dir: str | Path, out: str | Path, half: bool = True) -> Path:
+    """A slim copy of a run to share: its config, the weights it samples with from its latest checkpoint (fp16 with
+    ``half``), its metrics, and a latent run's autoencoder exported the same way into ``OUT/autoencoder`` (named
+    relatively, so the folder can move). No optimizer state, raw weights or other EMAs: it samples, it does not
+    resume."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose a new folder")
+    mapping = _run_mapping(run_dir)
+    path, weights = _weights_file(run_dir, (mapping.get("sample") or {}).get("ema"))
+    tensors = ckpt.load_tensors(path)
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    folder = out / "checkpoints" / path.parent.name
+    folder.mkdir(parents=True)
+    ckpt.save_tensors(folder / path.name, tensors)
+    for extra in path.parent.glob("*.json"):  # an autoencoder's latent statistics
+        if extra.name != "trainer.json":
+            shutil.copy2(extra, folder / extra.name)
+    (out / "checkpoints" / "latest").write_text(path.parent.name)
+    if weights != "model":
+        mapping.setdefault("sample", {})["ema"] = weights.removeprefix("ema-")
+    encoder = (mapping.get("data") or {}).get("encoder")
+    if encoder:
+        export_run(encoder, out / "autoencoder", half)
+        mapping["data"]["encoder"] = "autoencoder"
+    (out / "config.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    if (run_dir / "metrics.csv").is_file():
+        shutil.copy2(run_dir / "metrics.csv", out / "metrics.csv")
+    return out
 
 
 def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool = False,
