@@ -221,3 +221,17 @@ def test_the_server_makes_what_sample_makes(text_run):
     alone = client.post("/v1/generate", json={"prompt": "a green ring", "seed": 6, "n": 1, "guidance": 2.0,
                                               "steps": 4, "solver": "euler", "size": 8}).json()
     assert alone["images"][0]["png"] == body["images"][1]["png"]  # image i is reproducible alone from seed + i
+
+
+def test_the_shipped_emoji_model_draws_what_it_is_told():
+    """pretrained/emoji-t2i (difflab's own recipe, exported in fp16): a red heart comes out red, a blue circle
+    mostly blue (median over six seeds of the red-minus-blue mean colour)."""
+    from pathlib import Path
+
+    run = load_run(Path(__file__).parents[1] / "pretrained" / "emoji-t2i")
+    redness = {}
+    for prompt in ("red heart", "blue circle"):
+        images, _ = draw(run, 6, prompts=prompt, guidance=4.0, steps=20, solver="dpmpp_2m")
+        colour = images.mean((2, 3))
+        redness[prompt] = (colour[:, 0] - colour[:, 2]).median().item()
+    assert redness["red heart"] > 0.5 and redness["blue circle"] < 0.0
