@@ -3,6 +3,9 @@
 Both models are ``configs/moving-digits.yaml``'s U-Net trained for the same number of steps on the same frames
 (``moving-digits``: 1,797 real digits bouncing on a 16x16 canvas, 8 frames):
 
+Both are unconditional (``model.num_classes: 0``): with a class label shared by a clip's frames, the baseline
+would keep the identity too.
+
 - **video**: the U-Net's video form (a zero-initialised temporal attention layer after each spatial block) on the
   clips (B, 1, 8, 16, 16);
 - **frame-independent baseline**: the image U-Net (no temporal layers) on single frames, ``--batch`` x 8 frames a
@@ -48,7 +51,9 @@ def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, thre
     ``run_dir``; the training minutes."""
     if (run_dir / "checkpoints").is_dir():
         return float("nan")
-    model = recipe["model"] if video else {**recipe["model"], "temporal": None}
+    # Unconditional (no class input), so a clip's identity can come only from the model's coherence: with labels,
+    # the frame-independent baseline would keep the class of a label shared by its frames.
+    model = {**recipe["model"], "num_classes": 0, **({} if video else {"temporal": None})}
     config = {**recipe, "model": model, "data": {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"},
               "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
                         "sample_every": 0, "threads": threads},
@@ -94,7 +99,7 @@ def clips_of(run_dir: Path, n: int, video: bool, seed: int = 0) -> tuple[torch.T
     if video:
         clips, _ = draw(run, n, seed=seed)
     else:
-        frames, _ = draw(run, n * FRAMES, seed=seed)  # (n T, 1, 1, H, W): a one-frame clip each
+        frames, _ = draw(run, n * FRAMES, seed=seed)  # (n T, 1, 1, H, W): one-frame clips
         clips = frames.view(n, FRAMES, 1, SIZE, SIZE).transpose(1, 2)
     return clips, n / (time.perf_counter() - start)
 
