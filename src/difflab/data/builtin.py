@@ -58,16 +58,20 @@ def digits() -> ImageDataset:
 HELD_OUT = 0.1  # digits-heldout, emoji-heldout: a fixed 10% (seed 0), never in digits-train, emoji-train
 
 
+def _part(full: ImageDataset, name: str, held_out: bool) -> ImageDataset:
+    """The training or held-out part of a built-in set (a fixed 10%, seed 0), renamed."""
+    train, rest = full.split(HELD_OUT)
+    return replace(rest if held_out else train, name=name)
+
+
 def digits_train() -> ImageDataset:
     """The digits without digits-heldout: train on it to evaluate on images the model never saw."""
-    train, _ = digits().split(HELD_OUT)
-    return replace(train, name="digits-train")
+    return _part(digits(), "digits-train", held_out=False)
 
 
 def digits_heldout() -> ImageDataset:
     """A fixed 10% of the digits (180 images), held out of digits-train."""
-    _, held_out = digits().split(HELD_OUT)
-    return replace(held_out, name="digits-heldout")
+    return _part(digits(), "digits-heldout", held_out=True)
 
 
 FASHION_MNIST = Path(os.environ.get("DIFFLAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -151,14 +155,12 @@ def emoji() -> ImageDataset:
 
 def emoji_train() -> ImageDataset:
     """The emoji without emoji-heldout (the split the autoencoder benchmark trains on)."""
-    train, _ = emoji().split(HELD_OUT)
-    return replace(train, name="emoji-train")
+    return _part(emoji(), "emoji-train", held_out=False)
 
 
 def emoji_heldout() -> ImageDataset:
-    """A fixed 10% of the emoji (seed 0), held out of emoji-train."""
-    _, held_out = emoji().split(HELD_OUT)
-    return replace(held_out, name="emoji-heldout")
+    """A fixed 10% of the emoji (391 images), held out of emoji-train."""
+    return _part(emoji(), "emoji-heldout", held_out=True)
 
 
 DATASETS: dict[str, Callable[[], ImageDataset]] = {
