@@ -179,6 +179,9 @@ def test_sample_cli_takes_a_prompt_a_prompt_file_and_a_negative_prompt(text_run,
     with np.load(npz) as archive:
         assert archive["prompts"].tolist() == ["a red ring"] * 2 + ["a blue square"] * 2
     capsys.readouterr()
+    assert main(["sample", str(text_run), "--prompt", "a red ring", "--negative-prompt", "blue", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "give --guidance W too" in capsys.readouterr().err
     prompts.write_text("\n# nothing\n")
     for args, message in (([], "holds no prompt"), (["--prompt", ""], None)):
         argv = ["sample", str(text_run), "--out", str(tmp_path / "x.png"), "--no-progress"]

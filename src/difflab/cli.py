@@ -435,6 +435,8 @@ def _sample(args: argparse.Namespace) -> int:
     from difflab.training.run import load_run, write_samples
 
     try:
+        if args.negative_prompt is not None and args.guidance is None:
+            raise ValueError("--negative-prompt steers classifier-free guidance: give --guidance W too (e.g. 4)")
         prompts = _prompts(args)
         n = args.n or (8 if prompts else 64)  # with prompts: per prompt, one grid row each
         run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
