@@ -79,6 +79,11 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def to_uint8(images: torch.Tensor):
+    """Images (N, C, ...) in [-1, 1] as a uint8 array with channels last, (N, ..., C): what files store."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(1, -1).numpy()
+
+
 def image_grid(images: torch.Tensor, columns: int | None = None, scale: int | None = None, pad: int = 1):
     """A PIL image of (N, C, H, W) images in [-1, 1] on a grid; small images are enlarged ``scale`` times.
     Clips (N, C, T, H, W) take a row each, their frames left to right."""

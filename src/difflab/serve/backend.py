@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from PIL import Image
 
+from difflab.evaluation.plots import to_uint8
 from difflab.sampling import SOLVERS
 from difflab.training.run import Run, draw, load_run
 
@@ -48,5 +48,4 @@ class RunBackend:
         images, _ = draw(self.run, n, class_label=None, seed=seed, prompts=prompt,
                          negative_prompt=negative_prompt or None, guidance=guidance if guided else None,
                          steps=steps, solver=solver, callback=on_step)
-        pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return [Image.fromarray(p.squeeze(-1) if p.shape[-1] == 1 else p).convert("RGB") for p in pixels]
+        return [Image.fromarray(p.squeeze(-1) if p.shape[-1] == 1 else p).convert("RGB") for p in to_uint8(images)]

@@ -297,7 +297,7 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     class-conditional run; a video run's clips a row each, frames left to right), a ``.gif`` or ``.mp4``
     animation of a video run's grid, or an ``.npz`` archive (``images`` uint8 NHWC or NTHWC, ``labels`` int64,
     and the ``prompts`` of a text model)."""
-    from difflab.evaluation.plots import VIDEO_FORMATS, save_image_grid, save_video
+    from difflab.evaluation.plots import VIDEO_FORMATS, save_image_grid, save_video, to_uint8
 
     out = Path(out)
     if out.suffix not in (".png", ".npz", *VIDEO_FORMATS):
@@ -318,9 +318,7 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
         return save_image_grid(images, out, columns=columns)
     if out.suffix in VIDEO_FORMATS:
         return save_video(images, out, columns=columns)
-    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    pixels = pixels.movedim(1, -1).numpy()  # (N, H, W, C) or (N, T, H, W, C)
-    arrays = {"images": pixels}
+    arrays = {"images": to_uint8(images)}  # (N, H, W, C) or (N, T, H, W, C)
     if labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int64)
     if prompts is not None:
