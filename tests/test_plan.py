@@ -42,7 +42,7 @@ def test_communication_follows_the_ring_collectives():
     ddp = estimate(FACTS, "ddp", gpus=n, gpus_per_node=8, gpu_memory=GIB, batch=64)
     assert (ddp.intra_node_bytes, ddp.inter_node_bytes) == (0.0, pytest.approx(2 * (n - 1) / n * 4 * p))
     fsdp = estimate(FACTS, "fsdp", gpus=n, gpus_per_node=8, gpu_memory=GIB, batch=64, accumulation=2)
-    assert fsdp.inter_node_bytes == pytest.approx((2 * 2 + 1) * (n - 1) / n * 4 * p)  # gathers per round
+    assert fsdp.inter_node_bytes == pytest.approx(2 * (2 + 1) * (n - 1) / n * 4 * p)  # gathers, scatter per round
     hsdp = estimate(FACTS, "hsdp", gpus=n, gpus_per_node=8, gpu_memory=GIB, batch=64)
     assert hsdp.intra_node_bytes == pytest.approx(3 * 7 / 8 * 4 * p)
     assert hsdp.inter_node_bytes == pytest.approx(2 * 1 / 2 * 4 * p / 8)  # all-reduce of the shards over 2 nodes

@@ -49,6 +49,10 @@ def train(run_dir: Path, *overrides: str, resume: bool = False) -> dict:
     (["optim.decay=exponential"], "decay must be one of constant, cosine, linear, inverse_sqrt"),
     (["diffusion.parameterization=score"], "parameterization must be one of"),
     (["train.ema_decays=[1.5]"], r"ema_decays must be in \(0, 1\)"),
+    (["train.distributed=zero3"], "distributed must be one of ddp, fsdp, hsdp"),
+    (["train.compile=layers"], "compile must be one of False, True, blocks"),
+    (["train.reduce_precision=fp8"], "reduce_precision must be one of float32, bfloat16"),
+    (["train.bucket_mb=0"], "bucket_mb must be positive"),
     (["model.chanels=3"], "unknown key 'unet.chanels'"),
     (["data.dataset=imagenet"], "dataset must be one of digits"),
     (["sample.sigma_min=100"], "need 0 < sigma_min < sigma_max"),
@@ -234,24 +238,57 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP loading into one process
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_gloo_run_matches_one_process(tmp_path, strategy):
-    """Same global batch and noise on 2 processes as on 1; an FSDP checkpoint resumes on 1 process."""
+@pytest.mark.parametrize("strategy, options", [
+    ("ddp", ["train.bucket_mb=0.01", "train.static_graph=true"]),  # several buckets, a static graph
+    ("fsdp", []),
+    ("hsdp", ["train.shard_size=1"]),  # a 2x1 mesh: two replicas of a one-process shard group
+], ids=["ddp", "fsdp", "hsdp"])
+def test_two_process_gloo_run_matches_one_process(tmp_path, strategy, options):
+    """Same global batch and noise on 2 processes as on 1; a sharded checkpoint resumes on 1 process with the
+    weights and optimizer state of one-process training, then continues with the same losses."""
     train(tmp_path / "single", "train.steps=8")
     single = [float(v) for v in losses(tmp_path / "single")]
-    np.testing.assert_allclose(_torchrun(tmp_path, strategy, strategy), single[:4], rtol=1e-4)
-    if strategy == "fsdp":
-        assert (tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "optimizer").is_dir()  # sharded
-        train(tmp_path / "fsdp", resume=True)
-        np.testing.assert_allclose([float(v) for v in losses(tmp_path / "fsdp")], single, rtol=1e-4)
+    np.testing.assert_allclose(_torchrun(tmp_path, strategy, [f"train.distributed={strategy}", *options]),
+                               single[:4], rtol=1e-4)
+    if strategy == "ddp":
+        return
+    assert (tmp_path / strategy / "checkpoints" / "step-0000004" / "optimizer").is_dir()  # sharded
+    reference = Trainer(resolve(TINY, ["train.steps=4"]), tmp_path / "reference", progress=False)
+    reference.fit()
+    resumed = Trainer(resolve(TINY, [f"train.distributed={strategy}", *options]), tmp_path / strategy, resume=True,
+                      progress=False)
+    assert resumed.step == 4
+    saved = ckpt.load_tensors(tmp_path / strategy / "checkpoints" / "step-0000004" / "model.safetensors")
+    for key, value in resumed.network.state_dict().items():
+        assert torch.equal(value, saved[key]), key  # exactly the weights the two processes saved
+
+    def flat(trainer, key=None):  # all weights (or one AdamW moment) in one vector
+        params = list(trainer.network.parameters())
+        return torch.cat([(p if key is None else trainer.optimizer.state[p][key]).detach().flatten() for p in params])
+
+    for key in (None, "exp_avg", "exp_avg_sq"):  # as one process would have them, up to the order of float sums
+        assert (flat(resumed, key) - flat(reference, key)).norm() < 1e-3 * flat(reference, key).norm(), key
+    resumed.fit()
+    np.testing.assert_allclose([float(v) for v in losses(tmp_path / strategy)], single, rtol=1e-4)
 
 
-def _torchrun(tmp_path: Path, run: str, strategy: str) -> list[float]:
+def test_two_process_fsdp_in_bfloat16_trains(tmp_path):
+    """FSDP's mixed-precision policy: bf16 gathered weights and reduction, fp32 master shards."""
+    train(tmp_path / "single", "train.steps=4", "train.precision=bfloat16")
+    single = [float(v) for v in losses(tmp_path / "single")]
+    values = _torchrun(tmp_path, "bf16", ["train.distributed=fsdp", "train.precision=bfloat16",
+                                          "train.reduce_precision=bfloat16"])
+    np.testing.assert_allclose(values, single, rtol=0.05)
+    weights = ckpt.load_tensors(tmp_path / "bf16" / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def _torchrun(tmp_path: Path, run: str, settings: list[str]) -> list[float]:
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 4}}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "difflab", "train", str(config), "--run-dir", str(tmp_path / run), "--no-progress",
-               "--set", f"train.distributed={strategy}"]
+               *[arg for setting in settings for arg in ("--set", setting)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -265,6 +302,20 @@ def test_compile_and_activation_checkpointing_are_config_flags(tmp_path):
     train(tmp_path / "flags", "train.steps=2", "train.compile=true", "model.checkpointing=true")
     np.testing.assert_allclose(np.array(losses(tmp_path / "flags"), float),
                                np.array(losses(tmp_path / "plain"), float), rtol=1e-4)
+    train(tmp_path / "blocks", "train.steps=2", "train.compile=blocks")  # each block compiled on its own
+    np.testing.assert_allclose(np.array(losses(tmp_path / "blocks"), float),
+                               np.array(losses(tmp_path / "plain"), float), rtol=1e-4)
+
+
+def test_distributed_settings_that_cannot_work_are_one_line_errors():
+    from difflab.training.distributed import World, shard_mesh, wrap
+
+    two = World(0, 2, torch.device("cpu"))
+    config = resolve(TINY, ["train.reduce_precision=bfloat16"]).train
+    with pytest.raises(ValueError, match="needs NCCL"):
+        wrap(torch.nn.Linear(2, 2), config, two)
+    with pytest.raises(ValueError, match="shard_size 2 does not divide the 3 processes"):
+        shard_mesh("hsdp", World(0, 3, torch.device("cpu")), shard_size=2)
 
 
 def test_bfloat16_autocast_trains(tmp_path):

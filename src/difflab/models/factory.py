@@ -66,6 +66,12 @@ def build_network(mapping: Mapping | str | UNetConfig | DiTConfig) -> nn.Module:
     return network_type(config)
 
 
+def blocks(network: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a network (DiT blocks, U-Net units): what FSDP shards, ``compile="blocks"`` compiles
+    and activation checkpointing recomputes one at a time."""
+    return [m for m in network.modules() if type(m).__name__ in ("DiTBlock", "Unit")]
+
+
 def load_config_file(path: str | Path) -> dict:
     """A model mapping from a YAML file: its ``model:`` section, or the whole file."""
     data = load_yaml(path)

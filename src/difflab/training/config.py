@@ -104,7 +104,8 @@ class TrainConfig:
     batch: int = 128  # global batch, split over processes and accumulation rounds
     accumulation: int = 1
     seed: int = 0
-    precision: str = "float32"  # or bfloat16 (autocast)
+    # bfloat16: autocast, and under fsdp/hsdp the weights are gathered in bf16 (the fp32 master copy stays sharded)
+    precision: str = "float32"
     ema_decays: tuple[float, ...] = (0.999,)
     ema_sigma_rels: tuple[float, ...] = ()  # EDM2 power-function EMAs, e.g. [0.05, 0.1]
     ema_snapshot_every: int = 0  # store power-EMA snapshots for post-hoc EMA (0: off)
@@ -112,8 +113,15 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     checkpoint_every: int = 500
     keep: int = 2
-    distributed: str = "ddp"  # ddp or fsdp under torchrun
-    compile: bool = False
+    # Under torchrun: ddp, fsdp (FSDP2, every process holds a shard) or hsdp (shard inside a group of shard_size
+    # processes, replicate across groups), see difflab.training.distributed.
+    distributed: str = "ddp"
+    shard_size: int = 0  # hsdp: processes per shard group (0: one node's processes, torchrun's LOCAL_WORLD_SIZE)
+    bucket_mb: float = 25.0  # ddp: gradients are all-reduced in buckets of this size while the backward pass runs
+    gradient_as_bucket_view: bool = True  # ddp: gradients are views into the buckets (one copy less in memory)
+    static_graph: bool = False  # ddp: the same parameters are used every step (lets DDP plan its reduction once)
+    reduce_precision: str = "float32"  # gradient reduction: float32 or bfloat16 (ddp: NCCL's bf16 compression hook)
+    compile: bool | str = False  # torch.compile: false, true (the whole model) or "blocks" (each block on its own)
     threads: int | None = None  # CPU threads per process (default: PyTorch's)
 
     def __post_init__(self):
@@ -123,7 +131,11 @@ class TrainConfig:
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("max_minutes", self.max_minutes)
         _choice("precision", self.precision, ("float32", "bfloat16"))
-        _choice("distributed", self.distributed, ("ddp", "fsdp"))
+        _choice("distributed", self.distributed, ("ddp", "fsdp", "hsdp"))
+        _choice("reduce_precision", self.reduce_precision, ("float32", "bfloat16"))
+        _choice("compile", self.compile, (False, True, "blocks"))
+        _positive("shard_size", self.shard_size, allow_zero=True)
+        _positive("bucket_mb", self.bucket_mb)
         if self.batch % self.accumulation:
             raise ValueError(f"batch {self.batch} is not divisible by accumulation {self.accumulation}")
         if not all(0 < d < 1 for d in self.ema_decays):

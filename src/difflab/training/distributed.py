@@ -1,13 +1,32 @@
-"""PyTorch's own distributed engine, as torchrun sets it up: process group, device, DDP or FSDP2 wrapping."""
+"""PyTorch's own distributed engine, as torchrun sets it up: process group, device, and the strategies of
+``train.distributed``:
+
+- ``ddp``: :class:`~torch.nn.parallel.DistributedDataParallel`. Every process holds the whole model; gradients are
+  all-reduced in buckets of ``train.bucket_mb`` while the backward pass still runs (communication overlaps
+  computation), as views into the buckets (``train.gradient_as_bucket_view``), with ``train.static_graph`` where
+  the graph never changes, and compressed to bf16 by PyTorch's hook with ``train.reduce_precision=bfloat16``.
+- ``fsdp``: FSDP2's ``fully_shard`` on every block (:func:`difflab.models.factory.blocks`) and then the root.
+  Weights, gradients, optimizer state and EMAs are sharded over all processes; a block's weights are gathered just
+  before it runs (the next block's are prefetched) and freed after.
+- ``hsdp``: the same on a 2-D :class:`~torch.distributed.device_mesh.DeviceMesh` (replicas x shard group): sharded
+  inside groups of ``train.shard_size`` processes (one node by default), replicated across groups, so the weights'
+  all-gathers stay on a node's fast links and only the gradient shards cross nodes.
+
+FSDP's mixed-precision policy follows ``train.precision`` (bf16 gathered weights, fp32 master shards) and
+``train.reduce_precision`` (the dtype gradients are reduced in).
+"""
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from difflab.models.factory import blocks
 
 
 @dataclass(frozen=True)
@@ -60,20 +79,60 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def wrap(network: nn.Module, strategy: str, world: World) -> nn.Module:
-    """Data-parallel (DDP) or fully sharded (FSDP2 ``fully_shard`` per block, then the root) training."""
+def shard_mesh(strategy: str, world: World, shard_size: int = 0):
+    """The device mesh FSDP shards over: 1-D over all processes (fsdp), or (replicas, shard group) (hsdp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if strategy == "fsdp":
+        return init_device_mesh(world.device.type, (world.size,))
+    shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    if world.size % shard:
+        raise ValueError(f"train.shard_size {shard} does not divide the {world.size} processes (hsdp shards inside "
+                         "groups of that many and replicates across them)")
+    return init_device_mesh(world.device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def wrap(network: nn.Module, train, world: World) -> nn.Module:
+    """``network`` prepared for ``train.distributed`` (a :class:`~difflab.training.config.TrainConfig`) on this
+    world; itself in a world of one."""
     if world.size == 1:
         return network
-    if strategy == "ddp":
+    if train.distributed == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if train.reduce_precision == "bfloat16" and world.device.type != "cuda":
+            raise ValueError("train.reduce_precision=bfloat16 under ddp uses PyTorch's bf16 compression hook, which "
+                             "needs NCCL (GPUs); use float32 here, or train.distributed=fsdp")
         device_ids = [world.device.index] if world.device.type == "cuda" else None
-        return DistributedDataParallel(network, device_ids=device_ids)
-    from torch.distributed.fsdp import fully_shard
+        ddp = DistributedDataParallel(network, device_ids=device_ids, bucket_cap_mb=train.bucket_mb,
+                                      gradient_as_bucket_view=train.gradient_as_bucket_view,
+                                      static_graph=train.static_graph)
+        if train.reduce_precision == "bfloat16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        return ddp
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = torch.bfloat16
+    policy = MixedPrecisionPolicy(param_dtype=bf16 if train.precision == "bfloat16" else None,
+                                  reduce_dtype=bf16 if train.reduce_precision == "bfloat16" else torch.float32)
+    mesh = shard_mesh(train.distributed, world, train.shard_size)
     for param in network.parameters():  # FSDP2 shards contiguous parameters only (not channels-last ones)
         param.data = param.data.contiguous()
-    for module in network.modules():
-        if type(module).__name__ in ("DiTBlock", "Unit"):  # one shard group per transformer block / U-Net unit
-            fully_shard(module)
-    return fully_shard(network)
+    for block in blocks(network):  # one shard group per transformer block / U-Net unit
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(network, mesh=mesh, mp_policy=policy)
+
+
+def gradient_sync(model: nn.Module, last_round: bool):
+    """The context of one accumulation round's backward pass. DDP all-reduces only in the last round. FSDP
+    reduce-scatters in every round (so the gradients stay sharded); HSDP also, but all-reduces the shards across
+    replicas only in the last round. Anything else: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule) and next(model.parameters()).device_mesh.ndim == 2:
+        model.set_requires_all_reduce(last_round)
+    elif hasattr(model, "no_sync") and not last_round:
+        return model.no_sync()
+    return nullcontext()

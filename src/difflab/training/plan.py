@@ -10,8 +10,9 @@ models each strategy:
   half);
 - **communication per step per device**, as ring collectives send it: DDP all-reduces the gradients once per
   step (2 (N-1)/N of them); FSDP all-gathers the weights for the forward and again for the backward of every
-  accumulation round and reduce-scatters the gradients ((N-1)/N each); HSDP does FSDP's inside a node and
-  all-reduces the gradient shards across nodes.
+  accumulation round and reduce-scatters the gradients after it ((N-1)/N each; the gradients stay sharded);
+  HSDP does FSDP's inside a node and all-reduces the gradient shards across nodes once per step
+  (:func:`difflab.training.distributed.gradient_sync`).
 
 The recommendation follows the field's rule of thumb, minimise communication between devices: of the strategies
 that fit in memory, the one with the least estimated communication time, where bytes between nodes cost
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from difflab.models.factory import build_network, example_inputs, network_config, saved_activation_bytes
+from difflab.models.factory import blocks, build_network, example_inputs, network_config, saved_activation_bytes
 
 STRATEGIES = ("ddp", "fsdp", "hsdp")
 ADAMW_STATE = 2  # fp32 tensors per parameter: first and second moment
@@ -51,8 +52,7 @@ def network_facts(model: dict, text_tokens: int = 77) -> dict:
     config = network_config(model)
     network = build_network(config)
     parameters = sum(p.numel() for p in network.parameters())
-    units = [m for m in network.modules() if type(m).__name__ in ("DiTBlock", "Unit")]
-    largest = max((sum(p.numel() for p in unit.parameters()) for unit in units), default=parameters)
+    largest = max((sum(p.numel() for p in unit.parameters()) for unit in blocks(network)), default=parameters)
     args, cond = example_inputs(config, 1, text_tokens)
     return {"parameters": parameters, "largest_unit": largest,
             "activation_bytes": saved_activation_bytes(network, args, cond)}
@@ -90,7 +90,7 @@ def estimate(facts: dict, strategy: str, *, gpus: int, gpus_per_node: int, gpu_m
         volume = 2 * _ring(gpus) * gradients
         intra, inter = (volume, 0.0) if nodes == 1 else (0.0, volume)
     else:
-        sharded = accumulation * 2 * _ring(shard) * weights + _ring(shard) * gradients
+        sharded = accumulation * (2 * _ring(shard) * weights + _ring(shard) * gradients)  # every round
         if strategy == "fsdp":
             intra, inter = (sharded, 0.0) if nodes == 1 else (0.0, sharded)
         else:

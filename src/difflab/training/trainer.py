@@ -35,11 +35,12 @@ from difflab.config import to_dict
 from difflab.data import open_loader
 from difflab.diffusion import Precond
 from difflab.models import build_network
+from difflab.models.factory import blocks
 from difflab.paths import replacing, write_atomic
 from difflab.representation.encoders import latent_statistics, load_encoder, write_statistics
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig
-from difflab.training.distributed import World, close_world, init_world, wrap
+from difflab.training.distributed import World, close_world, gradient_sync, init_world, wrap
 from difflab.training.ema import EMA, unwrapped_state_dict
 from difflab.training.objectives import AutoencoderObjective, DiffusionObjective, Share
 
@@ -124,14 +125,14 @@ class Trainer:
         self.network = build_network(config.model).to(self.world.device)
         self.generator = torch.Generator().manual_seed(t.seed + 1)  # randomness of the global batch
         if is_autoencoder(config):
-            if self.world.size > 1 and t.distributed == "fsdp":
+            if self.world.size > 1 and t.distributed != "ddp":
                 raise ValueError("autoencoder runs use train.distributed=ddp (the discriminator is not sharded)")
             self.objective = AutoencoderObjective(config, self.network, self.generator,
-                                                  lambda m: wrap(m, t.distributed, self.world), self.world.device)
+                                                  lambda m: wrap(m, t, self.world), self.world.device)
         else:
             on_the_fly = self.encoder if self.encoder is not None and not self.loader.encoder else None
             objective = DiffusionObjective
-            if (config.distill.method or config.control.method) and self.world.size > 1 and t.distributed == "fsdp":
+            if (config.distill.method or config.control.method) and self.world.size > 1 and t.distributed != "ddp":
                 raise ValueError("students and fine-tunes use train.distributed=ddp (the teacher or base run they "
                                  "load is not sharded)")
             if config.distill.method:  # a student: its objective loads the teacher and starts from its weights
@@ -144,9 +145,13 @@ class Trainer:
                 objective = OBJECTIVES[config.control.method]
             self.objective = objective(config, self.network, self.generator, config.model.get("num_classes", 0),
                                        on_the_fly)
+        if t.compile == "blocks":  # each block compiled in place, before FSDP wraps it
+            for block in blocks(self.objective.module):
+                block.compile()
         # Wrap first: FSDP replaces the parameters by shards, which the EMA and the optimizer must hold.
-        self.model = wrap(self.objective.module, t.distributed, self.world)
-        self.sharded = self.world.size > 1 and t.distributed == "fsdp"
+        self.parallel = wrap(self.objective.module, t, self.world)
+        self.model = self.parallel
+        self.sharded = self.world.size > 1 and t.distributed != "ddp"
         self.ema = EMA(self.network, decays=t.ema_decays, sigma_rels=t.ema_sigma_rels)
         self.optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
@@ -159,7 +164,7 @@ class Trainer:
         self.world.barrier()
         if resume:
             self._load(ckpt.latest_checkpoint(self.checkpoints))
-        if t.compile:
+        if t.compile is True:
             self.model = torch.compile(self.model)
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -220,8 +225,7 @@ class Trainer:
         for round_ in range(t.accumulation):
             batch = next(self.loader)
             share = Share(round_, micro, world.rank, world.size)
-            sync = round_ == t.accumulation - 1 or not hasattr(self.model, "no_sync")
-            with (nullcontext() if sync else self.model.no_sync()), autocast:
+            with gradient_sync(self.parallel, round_ == t.accumulation - 1), autocast:
                 loss, logs = self.objective.loss(self.model, batch._replace(images=batch.images.to(world.device)),
                                                  draws, share, self.step)
                 loss = loss / t.accumulation
