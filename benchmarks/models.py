@@ -11,6 +11,7 @@ on the machine slows numerator and denominator alike.
     .venv/bin/python benchmarks/models.py --json out/bench/models.json                 # CPU, float32
     python benchmarks/models.py --device cuda --dtype bfloat16 --compile --batch 256   # a GPU
     .venv/bin/python benchmarks/models.py --quick                                      # a one-minute check
+    python benchmarks/models.py --cases dit_b --device cuda --dtype bfloat16 --compile --batch 256   # GPU MFU
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ CASES = {
             sample_size=16, patch_size=2, num_embeds_ada_norm=1000)),
         shape=(4, 16, 16), classes=1000,
     ),
+    # The scaling issue's GPU case: images/s and model FLOPs utilisation in bf16 with torch.compile.
+    "dit_b": dict(
+        title="DiT-B/2, 32x32x4 latents, 1000 classes",
+        difflab=dict(arch="dit", resolution=32, in_channels=4, patch_size=2, hidden=768, depth=12, heads=12,
+                     num_classes=1000),
+        diffusers=("DiTTransformer2DModel", dict(
+            num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=4, num_layers=12,
+            sample_size=32, patch_size=2, num_embeds_ada_norm=1000)),
+        shape=(4, 32, 32), classes=1000,
+    ),
 }
 # --quick: the same architectures, small enough for a test.
 QUICK = {
@@ -58,6 +69,7 @@ QUICK = {
     "dit": dict(difflab=dict(hidden=64, depth=2, heads=2), diffusers=dict(
         num_attention_heads=2, attention_head_dim=32, num_layers=2), resolution=8),
 }
+QUICK["dit_b"] = QUICK["dit"]
 
 
 def case_config(name: str, quick: bool) -> dict:

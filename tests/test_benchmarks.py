@@ -236,3 +236,30 @@ def test_video_benchmark_smoke(video_module, tmp_path, capsys):
     assert all(0 <= row["identity_kept"] <= 1 and row["clips_per_second"] > 0 for row in result["models"].values())
     assert figure.is_file() and figure.with_suffix(".gif").is_file()
     assert "identity kept" in capsys.readouterr().out
+
+
+@pytest.fixture
+def scaling_module(monkeypatch):
+    yield from _benchmark(monkeypatch, "scaling")
+
+
+@pytest.mark.slow  # about 2.5 minutes: 16 torchrun launches
+def test_scaling_benchmark_smoke(scaling_module, tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    scaling_module.main(["--quick", "--json", str(out)])
+    report = json.loads(out.read_text())
+    runs = report["throughput"]
+    assert all(row["max_relative_loss_difference"] < 1e-4 for name, row in runs.items() if "half" not in name)
+    assert runs["2 processes, DDP"]["allreduce_seconds"] > 0
+    assert all(0.5 < row["ratio"] < 2 for row in report["memory"]["rows"])
+    assert report["sampling"]["max_abs_difference"] < 1e-4
+    assert "planned vs measured peak memory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [(["--sections", "mfu"], "unknown section(s) mfu"),
+                                           (["--sections", "sampling"], "add throughput to --sections"),
+                                           (["--steps", "3", "--warmup", "3"], "--warmup must be below --steps")])
+def test_scaling_benchmark_rejects_bad_arguments(scaling_module, capsys, args, message):
+    with pytest.raises(SystemExit):
+        scaling_module.main(args)
+    assert message in capsys.readouterr().err

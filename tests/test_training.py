@@ -397,7 +397,7 @@ def test_launch_runs_train_under_torchrun(tmp_path, monkeypatch, capsys):
     config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 2}}))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(["launch", "--nproc", "2", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
-    assert "--nproc-per-node 2 --standalone -m difflab train" in capsys.readouterr().out
+    assert "--nproc-per-node 2 --standalone -m -- difflab train" in capsys.readouterr().out
     assert (tmp_path / "run" / "checkpoints" / "step-0000002").is_dir() and len(losses(tmp_path / "run")) == 2
     assert main(["launch", "--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29500",
                  "--dry-run", str(config)]) == 0

@@ -43,10 +43,14 @@ def _solvers(args: argparse.Namespace) -> int:
     return 0
 
 
-def torchrun_command(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0,
+LAUNCHED_VERBS = ("train", "sample", "eval")  # what difflab launch runs under torchrun
+
+
+def torchrun_command(nproc: int, verb_args: list[str], nnodes: int = 1, node_rank: int = 0,
                      endpoint: str | None = None, run_id: str = "difflab") -> list[str]:
-    """The torchrun command that runs ``difflab train TRAIN_ARGS`` on ``nproc`` processes per node: standalone on
-    one node, or joining the c10d rendezvous at ``endpoint`` (HOST:PORT, the same on every node)."""
+    """The torchrun command that runs ``difflab VERB_ARGS`` (e.g. ``["train", "digits", "--set", ...]``) on ``nproc``
+    processes per node: standalone on one node, or joining the c10d rendezvous at ``endpoint`` (HOST:PORT, the same
+    on every node)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if nnodes == 1:
         command.append("--standalone")
@@ -55,7 +59,7 @@ def torchrun_command(nproc: int, train_args: list[str], nnodes: int = 1, node_ra
             raise ValueError("several nodes need --rdzv-endpoint HOST:PORT (a node all of them reach)")
         command += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
-    return [*command, "-m", "difflab", "train", *train_args]
+    return [*command, "-m", "--", "difflab", *verb_args]  # "--": torchrun must not read sample's --n as its own
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -67,7 +71,8 @@ def _launch(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        command = torchrun_command(args.nproc, [args.config, *args.train_args], args.nnodes, args.node_rank,
+        verb = [args.target] if args.target in LAUNCHED_VERBS else ["train", args.target]  # a config: train it
+        command = torchrun_command(args.nproc, [*verb, *args.verb_args], args.nnodes, args.node_rank,
                                    args.rdzv_endpoint, args.rdzv_id)
     except ValueError as exc:
         print(f"difflab launch: error: {exc}", file=sys.stderr)
@@ -113,13 +118,15 @@ def _plan(args: argparse.Namespace) -> int:
         facts, estimates, best = plan(config.model, gpus=args.gpus, gpu_memory_gib=args.gpu_memory,
                                       batch=args.batch or t.batch, gpus_per_node=args.gpus_per_node,
                                       accumulation=t.accumulation, precision=t.precision,
-                                      emas=len(t.ema_decays) + len(t.ema_sigma_rels))
+                                      emas=len(t.ema_decays) + len(t.ema_sigma_rels),
+                                      bucket_view=t.gradient_as_bucket_view,
+                                      runtime_memory_gib=args.runtime_memory)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"difflab plan: error: {exc}", file=sys.stderr)
         return 2
     print(f"{facts['parameters'] / 1e6:,.1f} M parameters; activations {facts['activation_bytes'] / 2**20:,.1f} "
           f"MiB per sample (fp32); {args.gpus} GPUs of {args.gpu_memory:g} GiB, {args.gpus_per_node} per node")
-    kinds = [k for k in ("weights", "gradients", "optimizer", "ema", "activations", "buckets", "gathered")
+    kinds = [k for k in ("weights", "gradients", "optimizer", "ema", "activations", "buckets", "gathered", "runtime")
              if any(k in e.memory for e in estimates)]
     print(f"{'strategy':8} " + " ".join(f"{k:>11}" for k in kinds) + f" {'total GiB':>9} {'fits':>4} "
           f"{'intra GB':>9} {'inter GB':>9} {'comm s':>7}")
@@ -431,7 +438,29 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
     return prompts
 
 
-def _sample(args: argparse.Namespace) -> int:
+def _sampling_world(work):
+    """A sampling verb run in this process's world (:func:`difflab.training.distributed.init_world`): under torchrun
+    the processes share the samples and only the first prints, shows progress and writes files; alone, it samples
+    on the GPU when there is one."""
+
+    def run(args: argparse.Namespace) -> int:
+        import contextlib
+        import io
+
+        from difflab.training.distributed import close_world, init_world
+
+        world = init_world()
+        args.no_progress = args.no_progress or not world.main
+        try:
+            with contextlib.nullcontext() if world.main else contextlib.redirect_stdout(io.StringIO()):
+                return work(args, world)
+        finally:
+            close_world(world)
+
+    return run
+
+
+def _sample(args: argparse.Namespace, world) -> int:
     from difflab.training.run import load_run, write_samples
 
     try:
@@ -439,7 +468,7 @@ def _sample(args: argparse.Namespace) -> int:
             raise ValueError("--negative-prompt steers classifier-free guidance: give --guidance W too (e.g. 4)")
         prompts = _prompts(args)
         n = args.n or (8 if prompts else 64)  # with prompts: per prompt, one grid row each
-        run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
+        run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint, device=world.device)
         options = {k: getattr(args, k) for k in ("solver", "steps", "schedule") if getattr(args, k) is not None}
         options.update(_guidance_options(args))
         run, control = _control_options(args, run)
@@ -502,7 +531,7 @@ def _invert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(args: argparse.Namespace, world) -> int:
     import json
 
     from difflab.data import load_dataset
@@ -511,11 +540,11 @@ def _eval(args: argparse.Namespace) -> int:
     from difflab.training.run import evaluate, load_run
 
     try:
-        run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
+        run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint, device=world.device)
         # The user's own feature network (e.g. an Inception) as TorchScript, or difflab's digit classifier.
         extractor = load_feature_extractor(args.features) if args.features else None
         if args.sweep:
-            return _eval_sweep(args, run, extractor)
+            return _eval_sweep(args, run, extractor, world)
         metrics, images = evaluate(run, args.n, seed=args.seed, extractor=extractor, progress=not args.no_progress,
                                    **_guidance_options(args))
     except (ValueError, FileNotFoundError) as exc:
@@ -524,6 +553,8 @@ def _eval(args: argparse.Namespace) -> int:
     metrics.update(checkpoint=str(run.checkpoint), weights=run.weights, solver=run.config.sample.solver,
                    steps=run.config.sample.steps,
                    features=str(args.features) if args.features else "difflab digit classifier")
+    if not world.main:
+        return 0
     dataset = load_dataset(run.config.data.dataset)
     out = args.out or args.run_dir / "eval" / f"{run.checkpoint.name}-{run.weights}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -546,7 +577,7 @@ def _sweep(text: str) -> list[float]:
     return scales
 
 
-def _eval_sweep(args: argparse.Namespace, run, extractor) -> int:
+def _eval_sweep(args: argparse.Namespace, run, extractor, world) -> int:
     """Metrics against guidance scale (the other guidance flags hold for every scale): a JSON table and a plot."""
     import json
 
@@ -562,6 +593,8 @@ def _eval_sweep(args: argparse.Namespace, run, extractor) -> int:
         rows.append({"method": method, "guidance": scale, **metrics})
         print(f"guidance {scale:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                    if isinstance(v, float)), flush=True)
+    if not world.main:
+        return 0
     out = args.out or args.run_dir / "eval" / f"{run.checkpoint.name}-{run.weights}-sweep-{method}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"interval": args.guidance_interval, "rescale": args.guidance_rescale, "n": args.n,
@@ -734,15 +767,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
-    launch = verbs.add_parser("launch", help="difflab train on several processes or nodes: a thin torchrun wrapper")
+    launch = verbs.add_parser("launch", help="train, sample or eval on several processes or nodes: a thin torchrun "
+                                             "wrapper", allow_abbrev=False)  # --n is sample's, not --nproc
     launch.add_argument("--nproc", type=_positive_int, required=True, help="processes (GPUs) per node")
     launch.add_argument("--nnodes", type=_positive_int, default=1, help="nodes (default: 1, standalone)")
     launch.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
     launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="several nodes: where they meet (c10d)")
     launch.add_argument("--rdzv-id", default="difflab", help="several nodes: the same job id on each")
     launch.add_argument("--dry-run", action="store_true", help="print the torchrun command and stop")
-    launch.add_argument("config", help="the config, as for difflab train")
-    launch.add_argument("train_args", nargs=argparse.REMAINDER, help="difflab train's options (--set, --run-dir...)")
+    launch.add_argument("target", metavar="CONFIG|VERB",
+                        help="a config to train (as for difflab train), or sample / eval followed by their arguments")
+    launch.add_argument("verb_args", nargs=argparse.REMAINDER,
+                        help="the verb's arguments (train: --set, --run-dir...; sample: RUN --n 50000 --out x.npz)")
     launch.set_defaults(run=_launch)
     student = verbs.add_parser("distill", help="distil a trained run into a few-step student (its own run directory)")
     student.add_argument("teacher", type=Path, help="the teacher's run directory")
@@ -804,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "prompt in classifier-free guidance")
     _add_guidance_flags(sampler)
     _add_control_flags(sampler)
-    sampler.set_defaults(run=_sample)
+    sampler.set_defaults(run=_sampling_world(_sample))
 
     server = verbs.add_parser("serve", help="serve a text-to-image run: an HTTP API and a web page")
     server.add_argument("run_dir", type=Path, help="a text-to-image run directory")
@@ -853,7 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="score every guidance scale (with the other guidance flags): a JSON table and a plot")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_guidance_flags(evaluate)
-    evaluate.set_defaults(run=_eval)
+    evaluate.set_defaults(run=_sampling_world(_eval))
     ema = verbs.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length from a run's snapshots (EDM2)")
     ema.add_argument("run_dir", type=Path, help="a run trained with train.ema_sigma_rels and ema_snapshot_every")
     ema.add_argument("--sigma-rel", type=_sigma_rel, action="append", required=True,
@@ -896,6 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--gpus", type=_positive_int, required=True, help="number of devices")
     planner.add_argument("--gpu-memory", type=float, required=True, help="memory per device in GiB (e.g. 80)")
     planner.add_argument("--gpus-per-node", type=_positive_int, default=8, help="devices per node (default: 8)")
+    planner.add_argument("--runtime-memory", type=float, default=1.0, metavar="GIB",
+                         help="memory per device besides tensors: CUDA context, NCCL, workspaces (default: 1)")
     planner.add_argument("--batch", type=_positive_int, help="global batch (default: the config's train.batch)")
     planner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     planner.set_defaults(run=_plan)

@@ -45,6 +45,7 @@ def generate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     noise: torch.Tensor | None = None,
+    indices: range | None = None,
     **sampling,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images clamped to [-1, 1] (n, *shape), labels or None). Sample i uses seed ``seed + i``, so the
@@ -52,7 +53,9 @@ def generate(
     pictures (``init``, ``mask``, ``control``, ``concat``) are one for all samples (batch 1) or one per sample
     (batch n), as are prompts' ``text`` and ``text_mask``. ``noise`` (1 or n, *shape) replaces the seeds' starting
     noise, e.g. an inverted image's (:func:`difflab.control.invert`) to edit it with another label. A stochastic
-    solver's noise also comes from the sample's seed, so sample i is the same alone or in any batch."""
+    solver's noise also comes from the sample's seed, so sample i is the same alone or in any batch, and
+    ``indices`` (a range within ``range(n)``, default all of it) makes only those samples and their labels: one
+    process's share when several sample together."""
     labels = class_labels(n, class_label, num_classes)
     if noise is not None and (noise.shape[0] not in (1, n) or tuple(noise.shape[1:]) != tuple(shape)):
         raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit {n} samples of shape {tuple(shape)}")
@@ -60,9 +63,13 @@ def generate(
     for key, value in per_sample.items():
         if value.shape[0] not in (1, n):
             raise ValueError(f"{key} must hold 1 or {n} rows, got {value.shape[0]}")
+    indices = range(n) if indices is None else indices
+    if indices.step != 1 or not 0 <= indices.start <= indices.stop <= n:
+        raise ValueError(f"indices must be a contiguous range within range({n}), got {indices}")
     out = []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling", unit="batch"):
-        count = min(batch_size, n - start)
+    for start in tqdm(range(indices.start, indices.stop, batch_size), disable=not progress, desc="sampling",
+                      unit="batch"):
+        count = min(batch_size, indices.stop - start)
         for key, value in per_sample.items():
             part = value.expand(count, *value.shape[1:]) if value.shape[0] == 1 else value[start : start + count]
             sampling[key] = part.to(device)
@@ -75,4 +82,5 @@ def generate(
         stochastic = [torch.Generator(device).manual_seed(_SOLVER_SEED + seed + start + i) for i in range(count)]
         out.append(sample(denoiser, start_noise.to(device), generator=stochastic, **sampling, **cond)
                    .clamp(-1, 1).cpu())
-    return torch.cat(out), labels
+    images = torch.cat(out) if out else torch.empty(0, *shape)  # a process with no share
+    return images, None if labels is None else labels[indices.start : indices.stop]

@@ -136,3 +136,36 @@ def gradient_sync(model: nn.Module, last_round: bool):
     elif hasattr(model, "no_sync") and not last_round:
         return model.no_sync()
     return nullcontext()
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main() -> bool:
+    """Whether this is the first (or only) process: the one that writes shared results."""
+    return not _joined() or dist.get_rank() == 0
+
+
+def share(n: int) -> range:
+    """This process's contiguous share of ``n`` items when processes work together (a process group is initialised,
+    e.g. ``difflab sample`` under torchrun), else all of them."""
+    if not _joined():
+        return range(n)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    return range(n * rank // size, n * (rank + 1) // size)
+
+
+def gather_shares(part: torch.Tensor, n: int) -> torch.Tensor:
+    """Every process's :func:`share` of ``n`` rows (``part`` is this process's), in order, on every process (on
+    the CPU); ``part`` itself in a world of one."""
+    if not _joined():
+        return part
+    size = dist.get_world_size()
+    lengths = [n * (r + 1) // size - n * r // size for r in range(size)]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else part.device
+    padded = torch.zeros(max(lengths), *part.shape[1:], dtype=part.dtype, device=device)
+    padded[: part.shape[0]] = part
+    pieces = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[:length] for piece, length in zip(pieces, lengths)]).cpu()

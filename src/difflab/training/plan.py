@@ -6,8 +6,9 @@ models each strategy:
 
 - **memory per device**: fp32 master weights, gradients, AdamW's two moments and the EMAs (whole under DDP,
   divided by the shard group under FSDP and HSDP, which then also hold one unit's gathered weights, twice for
-  prefetch), DDP's gradient buckets, and the activations of the device's micro-batch (bf16 autocast saves about
-  half);
+  prefetch), DDP's gradient buckets (unless the gradients are views into them), and the activations of the
+  device's micro-batch (bf16 autocast saves about half), plus the runtime's own memory (CUDA context, NCCL,
+  workspaces: 1 GiB unless told otherwise); ``benchmarks/scaling.py`` checks the sum against measured peaks;
 - **communication per step per device**, as ring collectives send it: DDP all-reduces the gradients once per
   step (2 (N-1)/N of them); FSDP all-gathers the weights for the forward and again for the backward of every
   accumulation round and reduce-scatters the gradients after it ((N-1)/N each; the gradients stay sharded);
@@ -30,6 +31,7 @@ STRATEGIES = ("ddp", "fsdp", "hsdp")
 ADAMW_STATE = 2  # fp32 tensors per parameter: first and second moment
 BF16_ACTIVATION_SHARE = 0.5  # what autocast keeps of the fp32 activations: the matmul inputs are saved in bf16
 GIB = 2**30
+RUNTIME_MEMORY = 1.0 * GIB  # per GPU: CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces (a typical figure)
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,12 @@ def network_facts(model: dict, text_tokens: int = 77) -> dict:
 
 
 def estimate(facts: dict, strategy: str, *, gpus: int, gpus_per_node: int, gpu_memory: float, batch: int,
-             accumulation: int = 1, precision: str = "float32", emas: int = 1, intra_bandwidth: float = 450e9,
+             accumulation: int = 1, precision: str = "float32", emas: int = 1, bucket_view: bool = True,
+             runtime_memory: float = RUNTIME_MEMORY, intra_bandwidth: float = 450e9,
              inter_bandwidth: float = 50e9) -> Estimate:
-    """One strategy's :class:`Estimate` (``gpu_memory`` and the bandwidths in bytes and bytes per second)."""
+    """One strategy's :class:`Estimate` (``gpu_memory``, ``runtime_memory`` and the bandwidths in bytes and bytes
+    per second). ``bucket_view``: DDP's gradients are views into its buckets (``train.gradient_as_bucket_view``),
+    not a copy. ``runtime_memory``: what the framework holds besides tensors (CUDA context, NCCL, workspaces)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if batch % (gpus * accumulation):
@@ -80,9 +85,10 @@ def estimate(facts: dict, strategy: str, *, gpus: int, gpus_per_node: int, gpu_m
                                                                                     else 1.0),
     }
     if strategy == "ddp":
-        memory["buckets"] = 4 * p if gpus > 1 else 0.0  # DDP's flat gradient buckets beside .grad
+        memory["buckets"] = 4 * p if gpus > 1 and not bucket_view else 0.0  # DDP's flat buckets beside .grad
     else:
         memory["gathered"] = 2 * compute_bytes * facts["largest_unit"] if shard > 1 else 0.0  # current + prefetch
+    memory["runtime"] = runtime_memory
     memory["total"] = sum(memory.values())
 
     weights, gradients = compute_bytes * p, compute_bytes * p
@@ -106,14 +112,18 @@ def recommend(estimates: list[Estimate]) -> Estimate | None:
 
 
 def plan(model: dict, *, gpus: int, gpu_memory_gib: float, batch: int, gpus_per_node: int = 8,
-         accumulation: int = 1, precision: str = "float32", emas: int = 1, text_tokens: int = 77,
+         accumulation: int = 1, precision: str = "float32", emas: int = 1, bucket_view: bool = True,
+         runtime_memory_gib: float = RUNTIME_MEMORY / GIB, text_tokens: int = 77,
          **bandwidths) -> tuple[dict, list[Estimate], Estimate | None]:
     """(network facts, an estimate per strategy, the recommended one) for training ``model`` on ``gpus`` devices."""
     if gpus < 1 or gpus_per_node < 1 or gpu_memory_gib <= 0:
         raise ValueError("gpus, gpus-per-node and gpu-memory must be positive")
+    if runtime_memory_gib < 0:
+        raise ValueError(f"runtime-memory must be >= 0, got {runtime_memory_gib:g}")
     facts = network_facts(model, text_tokens)
     strategies = ("ddp",) if gpus == 1 else ("ddp", "fsdp", "hsdp") if gpus > gpus_per_node else ("ddp", "fsdp")
     estimates = [estimate(facts, s, gpus=gpus, gpus_per_node=gpus_per_node, gpu_memory=gpu_memory_gib * GIB,
-                          batch=batch, accumulation=accumulation, precision=precision, emas=emas, **bandwidths)
+                          batch=batch, accumulation=accumulation, precision=precision, emas=emas,
+                          bucket_view=bucket_view, runtime_memory=runtime_memory_gib * GIB, **bandwidths)
                  for s in strategies]
     return facts, estimates, recommend(estimates)

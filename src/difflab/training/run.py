@@ -21,6 +21,7 @@ from difflab.paths import replacing
 from difflab.representation.encoders import Encoder, load_encoder
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import RunConfig, resolve
+from difflab.training.distributed import gather_shares, is_main, share
 from difflab.training.trainer import ema_file, is_autoencoder, make_model
 
 
@@ -168,7 +169,10 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
     Control options are pictures (batch 1 or n) at the run's image resolution: ``init`` with ``strength`` <
     1 (image-to-image) or a ``mask`` (inpainting, 1 = generate; ``resample=(jump, count)`` for RePaint). A latent
     run encodes them, generates wherever a latent pixel touches the mask, and pastes the kept pixels back after
-    decoding, so they come out exactly."""
+    decoding, so they come out exactly.
+
+    Under torchrun (a process group is initialised) each process draws its share of the ``n`` samples and every
+    process returns all of them: the same images as one process draws, as sample i depends only on its seed."""
     from difflab.sampling.generate import generate
 
     if is_autoencoder(run.config):
@@ -204,13 +208,16 @@ def draw(run: Run, n: int, class_label="balanced", seed: int = 0, progress: bool
         known = options["init"]
         batch = max(options["mask"].shape[0], known.shape[0])
         options["concat"] = inpainting_input(known.expand(batch, *known.shape[1:]), options["mask"])
+    part = share(n)  # under torchrun, each process draws its share of the samples
     images, labels = generate(run.model, run.sample_shape, n, num_classes=run.num_classes, class_label=class_label,
-                              seed=seed, device=device, progress=progress, **{**defaults, **options})
+                              seed=seed, device=device, progress=progress, indices=part, **{**defaults, **options})
     if run.encoder is not None:
         images = torch.cat([run.encoder.decode(chunk.to(device)).cpu() for chunk in images.split(64)])
         if mask is not None:
+            rows = slice(part.start, part.stop)
+            init, mask = (t if t.shape[0] == 1 else t[rows] for t in (init, mask))
             images = torch.lerp(images, init.to(images), 1 - mask.to(images))
-    return images, labels
+    return gather_shares(images, n), None if labels is None else gather_shares(labels, n)
 
 
 @torch.no_grad()
@@ -296,7 +303,7 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     """Sample a run into a PNG grid (``columns`` wide; by default a column per class of a balanced
     class-conditional run; a video run's clips a row each, frames left to right), a ``.gif`` or ``.mp4``
     animation of a video run's grid, or an ``.npz`` archive (``images`` uint8 NHWC or NTHWC, ``labels`` int64,
-    and the ``prompts`` of a text model)."""
+    and the ``prompts`` of a text model). Under torchrun the processes share the samples and the first writes them."""
     from difflab.evaluation.plots import VIDEO_FORMATS, save_image_grid, save_video, to_uint8
 
     out = Path(out)
@@ -307,8 +314,11 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     if is_autoencoder(run.config):  # pictures of what it does: data over reconstruction
         if out.suffix != ".png":
             raise ValueError("an autoencoder run writes its reconstructions as a .png grid")
-        return save_image_grid(reconstruct(run, n, seed), out, columns=min(n, 8))
+        pictures = reconstruct(run, n, seed)
+        return save_image_grid(pictures, out, columns=min(n, 8)) if is_main() else out
     images, labels = draw(run, n, class_label, seed, progress, **options)
+    if not is_main():  # under torchrun the first process writes what all of them drew
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = options.get("prompts")
     prompts = None if prompts is None else [prompts] * n if isinstance(prompts, str) else list(prompts)

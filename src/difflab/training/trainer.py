@@ -363,21 +363,20 @@ class Trainer:
         originals. None for an inpainting fine-tune, which samples only with a picture and a mask."""
         if self.config.control.method == "inpaint":
             return None
-        state, name = self._sampling_weights()
-        path = None
-        if self.world.main:
-            from difflab.training.run import Run, write_samples  # run.py builds on this module
+        from difflab.training.run import Run, write_samples  # run.py builds on this module
 
-            model = make_model(self.config, state, self.world.device)
-            run = Run(self.config, model, None, name or "model", self.encoder)
-            n, options = self.config.sample.n, {}
-            if self.config.model.get("text_dim"):  # a row for each of up to 8 training captions, unguided
-                captions, _ = self.loader.captions()
-                rows = min(8, n)
-                chosen = [captions[k * len(captions) // rows] for k in range(rows)]
-                options["prompts"] = [caption for caption in chosen for _ in range(n // rows)]
-                n, options["columns"] = len(options["prompts"]), n // rows
-            path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png", n=n, **options)
+        state, name = self._sampling_weights()
+        model = make_model(self.config, state, self.world.device)
+        run = Run(self.config, model, None, name or "model", self.encoder)
+        n, options = self.config.sample.n, {}
+        if self.config.model.get("text_dim"):  # a row for each of up to 8 training captions, unguided
+            captions, _ = self.loader.captions()
+            rows = min(8, n)
+            chosen = [captions[k * len(captions) // rows] for k in range(rows)]
+            options["prompts"] = [caption for caption in chosen for _ in range(n // rows)]
+            n, options["columns"] = len(options["prompts"]), n // rows
+        # Every process draws a share of the grid (draw() under torchrun); the first writes it.
+        path = write_samples(run, self.run_dir / "samples" / f"{ckpt.step_name(self.step)}.png", n=n, **options)
         self.world.barrier()
         return path
 
