@@ -44,6 +44,7 @@ CASES = {
     "unet": dict(UNET),
     "unet_temporal_attention": dict(UNET, temporal="attention"),
     "unet_temporal_conv": dict(UNET, temporal="conv"),
+    "unet_temporal_spacetime": dict(UNET, temporal="spacetime"),
     "dit_sincos": dict(DIT),
     "dit_rope": dict(DIT, pos_embed="rope"),
     "dit_factorised": dict(DIT, video_attention="factorised", frame_patch=2),
@@ -97,6 +98,26 @@ def test_temporal_layers_mix_frames():
     changed[:, :, 0] += 1  # perturb frame 0 only
     delta = (network(changed, c_noise) - network(x, c_noise))[:, :, 1:]
     assert delta.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind, reaches_other_pixels", [("attention", False), ("conv", False), ("spacetime", True)])
+def test_what_a_temporal_layer_carries_from_one_frame_to_another(kind, reaches_other_pixels):
+    """Per-pixel layers carry a change of frame 0 to the same pixel of frame 1 (other pixels see it only through
+    frame 0's normalisation statistics); space-time attention to every pixel of frame 1 alike, so what frames share
+    can follow a moving object."""
+    from difflab.models.unet import Context, TemporalLayer
+
+    torch.manual_seed(0)
+    layer = randomize(TemporalLayer(8, kind, head_dim=4, groups=4))
+    frames, ctx = 3, Context(None, None, None, 3)
+    x = torch.randn(2 * frames, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    changed[0, :, 0, 0] += 1  # clip 0, frame 0, pixel (0, 0)
+    delta = (layer(changed, ctx) - layer(x, ctx)).abs().amax(1)  # (B*T, H, W)
+    same, other = delta[1, 0, 0], delta[1].flatten()[1:].mean()  # frame 1: the changed pixel, and the others
+    assert same > 1e-4
+    assert (other > 0.3 * same) if reaches_other_pixels else (other < 0.2 * same)
+    assert delta[frames:].max() == 0  # never another clip
 
 
 @pytest.mark.parametrize("name", ["unet", "dit_sincos"])

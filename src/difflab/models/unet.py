@@ -51,14 +51,14 @@ class UNetConfig:
     guidance_embed: bool = False  # a guidance scale input: guidance-distilled students (Meng et al. 2023)
     controls: tuple[int, ...] = ()  # one ControlNet per entry: the channels of its control picture
     control_downsample: int = 1  # control pictures are this many times larger than x (a latent model's factor)
-    temporal: str | None = None  # video form: "attention" or "conv" after each spatial block
+    temporal: str | None = None  # video form after each spatial block: "attention", "conv" or "spacetime"
     frames: int | None = None  # clip length for model-info; any length runs
     checkpointing: bool = False
     channels_last: bool = True  # NHWC convolutions: faster with oneDNN on CPUs and with tensor cores on GPUs
 
     def __post_init__(self):
-        if self.temporal not in (None, "attention", "conv"):
-            raise ValueError(f"temporal must be attention, conv or null, got {self.temporal!r}")
+        if self.temporal not in (None, "attention", "conv", "spacetime"):
+            raise ValueError(f"temporal must be attention, conv, spacetime or null, got {self.temporal!r}")
         if self.resolution % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channel_mult) - 1}")
         if any(c < 1 for c in self.controls):
@@ -120,13 +120,15 @@ class AttentionBlock(nn.Module):
 
 
 class TemporalLayer(nn.Module):
-    """Mixes information across frames at every pixel; zero-initialised, so it starts as the identity."""
+    """Mixes information across frames; zero-initialised, so it starts as the identity. ``attention`` and ``conv``
+    work at every pixel across its frames; ``spacetime`` attends from every pixel of every frame to all of them
+    (3-D RoPE), so what a frame shares with the others can follow a moving object."""
 
     def __init__(self, channels: int, kind: str, head_dim: int, groups: int):
         super().__init__()
         self.kind = kind
         self.norm = group_norm(channels, groups)
-        if kind == "attention":
+        if kind in ("attention", "spacetime"):
             self.attn = Attention(channels, max(channels // head_dim, 1), zero_out=True)
         else:
             self.conv = zero_init(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
@@ -139,6 +141,11 @@ class TemporalLayer(nn.Module):
         if self.kind == "conv":
             h = self.conv(F.silu(h.transpose(1, 2))).transpose(1, 2)  # conv over (B, C, T, H, W)
             return x + h.reshape(bt, channels, height, width)
+        if self.kind == "spacetime":
+            tokens = h.permute(0, 1, 3, 4, 2).reshape(bt // frames, -1, channels)  # (B, T*H*W, C)
+            rope = rope_table((frames, height, width), channels // self.attn.heads, device=x.device)
+            h = self.attn(tokens, rope=rope).view(bt // frames, frames, height, width, channels)
+            return x + h.permute(0, 1, 4, 2, 3).reshape(bt, channels, height, width)
         tokens = h.permute(0, 3, 4, 1, 2).reshape(-1, frames, channels)  # (B*H*W, T, C)
         rope = rope_table((frames,), channels // self.attn.heads, device=x.device)
         h = self.attn(tokens, rope=rope).view(bt // frames, height, width, frames, channels)
