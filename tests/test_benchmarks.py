@@ -173,7 +173,8 @@ def test_distillation_benchmark_smoke(distillation_module, tmp_path, capsys):
     result = json.loads(out.read_text())
     models = {row["model"] for row in result["rows"]}
     assert {"teacher", "teacher (best solver)", "progressive/steps-2", "progressive/steps-1", "consistency",
-            "guidance student", "teacher/guided"} <= models
+            "multistep consistency", "guidance student", "teacher/guided"} <= models
+    assert "target: 2-step multistep consistency" in printed
     student = next(row for row in result["rows"] if row["model"] == "guidance student")
     assert student["rmse_to_guided_teacher"] >= 0 and student["distill_minutes"] > 0
 

@@ -168,6 +168,29 @@ def test_consistency_distillation_without_target_decay_uses_the_stop_gradient_st
     assert torch.isfinite(loss) and calls == [False, True]  # the target without gradient, then the prediction
 
 
+def test_multistep_consistency_is_consistent_within_segments_cut_at_its_sampling_levels(teacher):
+    student, config = objective(teacher, "multistep_consistency", "distill.target_decay=0",
+                                "sample.sigmas=[80, 0.8, 0]", steps=2)
+    assert config.sample.solver == "euler" and config.diffusion.parameterization == "consistency"
+    grid = student.grid(0)
+    edge = grid[(grid - 0.8).abs().argmin()].item()
+    assert edge == pytest.approx(0.8) and len(grid) == config.distill.intervals + 1  # the edge is a level
+    pairs = student.draw(4000, (1, 8, 8), 0)["pairs"]
+    assert not ((pairs[:, 0] > edge + 1e-6) & (pairs[:, 1] < edge - 1e-6)).any()  # no pair spans two segments
+    above = grid[grid.tolist().index(edge) - 1].item()
+
+    def model(offset):  # the target network (called without gradient) is off by ``offset``
+        return lambda x, sigma, **cond: x * 0.5 + (0.0 if torch.is_grad_enabled() else offset)
+
+    data, share = batch(), Share(0, 12, 0, 1)
+    for pair, target_matters in (((above, edge), False), ((2.0 * above, above), True)):
+        draws = student.draw(12, (1, 8, 8), 0)
+        draws["pairs"] = torch.tensor([pair] * 12)
+        losses_ = [student.loss(model(offset), data, draws, share, 0)[0] for offset in (0.0, 3.0)]
+        # Onto a segment's edge the target is the teacher's point itself: its jump to the edge is no jump.
+        assert bool(torch.isclose(*losses_, rtol=1e-5)) != target_matters, (pair, losses_)
+
+
 def test_consistency_training_curriculum_doubles_the_discretisation(teacher):
     student, _ = objective(teacher, "consistency_training", "distill.intervals=40", "train.steps=30", steps=1)
     assert student.target is None  # iCT: the stop-gradient student is the target
@@ -176,7 +199,8 @@ def test_consistency_training_curriculum_doubles_the_discretisation(teacher):
     assert (pairs[:, 0] > pairs[:, 1]).all() and pairs[:, 0].median() < 5  # log-normal: mostly low noise
 
 
-@pytest.mark.parametrize("method", ["progressive", "consistency", "consistency_training", "guidance"])
+@pytest.mark.parametrize("method", ["progressive", "consistency", "multistep_consistency", "consistency_training",
+                                    "guidance"])
 def test_each_method_trains_from_the_teacher_and_its_loss_falls(teacher, tmp_path, method):
     """Loss at initialisation (the student is the teacher) is finite; after a few steps it has fallen."""
     students = distill(teacher, method, tmp_path / "student", steps=2, from_steps=4, train_steps=24,

@@ -783,8 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
     student = verbs.add_parser("distill", help="distil a trained run into a few-step student (its own run directory)")
     student.add_argument("teacher", type=Path, help="the teacher's run directory")
     student.add_argument("--method", required=True,
-                         choices=["progressive", "consistency", "consistency_training", "guidance"],
-                         help="progressive halving, consistency distillation/training, or guidance distillation")
+                         choices=["progressive", "consistency", "multistep_consistency", "consistency_training",
+                                  "guidance"],
+                         help="progressive halving, consistency distillation (multistep: one consistent segment per "
+                              "sampling step) or training, or guidance distillation")
     student.add_argument("--out", type=Path, required=True,
                          help="the student's run directory (progressive: a folder of steps-N stages)")
     student.add_argument("--steps", type=_positive_int, default=1,

@@ -10,6 +10,9 @@ rate) with a ``distill:`` section for its objective and a ``sample:`` section fo
   teacher's grid.
 - ``consistency`` / ``consistency_training``: ``OUT`` holds a consistency model sampled by multistep consistency
   sampling on ``steps`` noise levels (karras on ``steps + 1`` points without the last, then 0).
+- ``multistep_consistency``: ``OUT`` holds a multistep consistency model (Heek et al. 2024) whose ``steps``
+  segments are cut at its ``sample.sigmas`` (by default the consistency sampling levels; ``--set sample.sigmas=``
+  moves them), sampled deterministically with one euler (DDIM) step per segment.
 - ``guidance``: ``OUT`` holds a student with a guidance-scale input, sampled with the teacher's solver; its
   ``--guidance W`` costs one forward pass per step.
 """
@@ -48,6 +51,9 @@ def student_mapping(teacher: Path, method: str, *, train_steps: int, steps: int 
     elif method in ("consistency", "consistency_training"):
         mapping["diffusion"]["parameterization"] = "consistency"
         sample.update(solver="consistency", sigmas=consistency_sigmas(steps, sample["sigma_min"], sample["sigma_max"]))
+    elif method == "multistep_consistency":  # the sampling grid is the segments' edges
+        mapping["diffusion"]["parameterization"] = "consistency"
+        sample.update(solver="euler", sigmas=consistency_sigmas(steps, sample["sigma_min"], sample["sigma_max"]))
     elif method == "guidance":
         mapping["model"]["guidance_embed"] = True
     mapping["distill"] = distill

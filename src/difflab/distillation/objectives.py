@@ -9,6 +9,9 @@ and guidance combinator (:func:`~difflab.guidance.guided`): no second copy of a 
   steps sigma -> sigma' -> sigma'' of the teacher's grid; target and truncated-SNR weight as the paper;
 - consistency distillation (Song et al. 2023, Alg. 2): the student at sigma_{n+1} matches an EMA target network at
   the teacher's Heun step to sigma_n, through the boundary-condition parameterisation ``consistency``;
+- multistep consistency distillation (Heek, Hoogeboom & Salimans 2024): the grid is cut into segments at the
+  student's ``sample.sigmas``, and within each the student's DDIM jump to the segment's lower edge, not its x0
+  estimate, must be consistent; one euler step per segment is then a deterministic sample;
 - consistency training (Song et al. 2023, Alg. 3, with the improved techniques of Song & Dhariwal 2023): no teacher,
   both points share one noise; a doubling discretisation curriculum, log-normal choice of the noise level, the
   stop-gradient student as target, pseudo-Huber distance weighted by 1 / (sigma_{n+1} - sigma_n);
@@ -32,6 +35,7 @@ from difflab.training.objectives import DiffusionObjective, Share, start_from
 
 CT_FIRST_INTERVALS = 10  # iCT's s0: the consistency-training curriculum starts at 10 noise levels and doubles
 CT_P_MEAN, CT_P_STD = -1.1, 2.0  # iCT's log-normal choice of the noise level
+MULTISTEP = "multistep_consistency"
 
 
 class _Student(DiffusionObjective):
@@ -86,8 +90,9 @@ class ProgressiveObjective(_Student):
 
 
 class ConsistencyObjective(_Student):
-    """Consistency distillation (``teacher`` steps with Heun between adjacent noise levels) and, without a teacher
-    step, consistency training. The target network is an EMA of the student (``distill.target_decay``)."""
+    """Consistency distillation (``teacher`` steps with Heun between adjacent noise levels), also multistep, and,
+    without a teacher step, consistency training. The target network is an EMA of
+    the student (``distill.target_decay``)."""
 
     columns = ("intervals",)
 
@@ -99,6 +104,10 @@ class ConsistencyObjective(_Student):
         self.decay = 0.0 if self.training else config.distill.target_decay
         self.target = copy.deepcopy(self.module).requires_grad_(False) if self.decay else None
         self.intervals = config.distill.intervals
+        # Multistep: the segments' lower edges, decreasing: the sampling grid's inner levels, then 0 (the last
+        # segment jumps to the x0 estimate, as single-step consistency does).
+        multistep = config.distill.method == MULTISTEP
+        self.edges = torch.tensor([*config.sample.sigmas[1:-1], 0.0], dtype=torch.float64) if multistep else None
 
     def grid(self, step: int) -> torch.Tensor:
         """Noise levels, decreasing (karras, rho 7, sample.sigma_min..max); consistency training's N doubles from 10
@@ -109,7 +118,10 @@ class ConsistencyObjective(_Student):
             stage_steps = max(1, self.config.train.steps // (doublings + 1))
             n = min(CT_FIRST_INTERVALS * 2 ** (step // stage_steps), self.intervals)
         s = self.config.sample
-        return karras(n, sigma_min=s.sigma_min, sigma_max=s.sigma_max)[:-1]  # no 0: the boundary is sigma_min
+        grid = karras(n, sigma_min=s.sigma_min, sigma_max=s.sigma_max)[:-1]  # no 0: the boundary is sigma_min
+        if self.edges is not None:  # every edge a level, so that no pair of adjacent levels spans two segments
+            grid = torch.cat([grid, self.edges[:-1].to(grid)]).unique().flip(0)
+        return grid
 
     def draw(self, batch: int, sample_shape, step: int) -> dict:
         grid = self.grid(step)
@@ -132,7 +144,13 @@ class ConsistencyObjective(_Student):
             # The EMA target network, or with no decay (iCT, and always for consistency training) the student
             # itself without its gradient.
             target = (model if self.target is None else self.target)(x_next, sigma_next, **cond)
-        distance = self.distance(model(x, sigma, **cond), target)
+        prediction = model(x, sigma, **cond)
+        if self.edges is not None:  # multistep: both points' DDIM jumps to their segment's lower edge
+            edges = self.edges.to(sigma)
+            edge = edges[(edges[None, :] <= sigma_next[:, None]).float().argmax(1)]  # the first edge below
+            target = euler_update(x_next, target, sigma_next, edge)
+            prediction = euler_update(x, prediction, sigma, edge)
+        distance = self.distance(prediction, target)
         weight = 1 / (sigma - sigma_next) if self.training else torch.ones_like(sigma)
         return (weight * distance).mean(), {"intervals": float(len(self.grid(step)))}
 
@@ -194,5 +212,6 @@ OBJECTIVES = {
     "progressive": ProgressiveObjective,
     "consistency": ConsistencyObjective,
     "consistency_training": ConsistencyObjective,
+    "multistep_consistency": ConsistencyObjective,
     "guidance": GuidanceObjective,
 }

@@ -174,7 +174,7 @@ class SampleConfig:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
 
 
-DISTILLATION_METHODS = ("progressive", "consistency", "consistency_training", "guidance")
+DISTILLATION_METHODS = ("progressive", "consistency", "multistep_consistency", "consistency_training", "guidance")
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class DistillConfig:
     """A student's distillation (``difflab distill`` writes it; see :mod:`difflab.distillation`). No method: the run
     is ordinary training."""
 
-    method: str | None = None  # progressive, consistency, consistency_training or guidance
+    method: str | None = None  # one of DISTILLATION_METHODS
     teacher: str | None = None  # the teacher's run directory (consistency_training: optional, for initial weights)
     teacher_ema: str | None = None  # which of its averages (default: the teacher's sampling one)
     teacher_solver: str = "euler"  # progressive: the teacher's two steps per student step (euler = DDIM, or heun)
