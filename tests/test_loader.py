@@ -47,6 +47,18 @@ def test_shards_index_every_sample_and_read_back_whole(square_shards):
     assert data.extras["captions"][0] == "picture number 1"  # folder a first, in name order
 
 
+def test_shard_captions_are_read_once_per_process(square_shards, monkeypatch):
+    from difflab.data.loader import ShardReader, _shard_captions
+
+    _shard_captions.cache_clear()
+    reads = []
+    meta = ShardReader.meta
+    monkeypatch.setattr(ShardReader, "meta", lambda self, k: reads.append(k) or meta(self, k))
+    first = ShardLoader(square_shards, 4).captions()
+    assert first[0][0] == "picture number 1" and len(first[0]) == 30 and len(reads) == 30
+    assert ShardLoader(square_shards, 8, rank=1, world_size=2).captions() == first and len(reads) == 30
+
+
 def test_streaming_follows_the_in_memory_order_on_every_rank_and_worker_count(square_shards):
     memory = BatchLoader(load_dataset(str(square_shards)), 12, seed=4)
     expected = _take(memory, 6)  # 72 samples: crosses two epochs of 30

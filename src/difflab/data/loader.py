@@ -10,6 +10,7 @@ one on another number of processes, sees the same global batches.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -219,6 +220,16 @@ class _Stream(torch.utils.data.IterableDataset):
             number += 1
 
 
+@functools.lru_cache(maxsize=4)
+def _shard_captions(index: str, stamp: int) -> tuple[str | None, ...]:
+    """Every item's caption of the shard folder whose ``index.json`` is ``index`` (as modified at ``stamp``)."""
+    reader = ShardReader(Path(index).parent)
+    try:
+        return tuple(reader.meta(k).get("caption") for k in range(len(reader)))
+    finally:
+        reader.close()
+
+
 class ShardLoader(_Resumable):
     """Endless :class:`Batch` es streamed from a shard folder, decoded by ``workers`` processes.
 
@@ -258,8 +269,10 @@ class ShardLoader(_Resumable):
         return Batch(*batch)
 
     def captions(self) -> tuple[list[str], None] | None:
-        """(caption of every item, None: shards keep no aliases), or None when no item has a caption."""
-        captions = [self.reader.meta(k).get("caption") for k in range(len(self.reader))]
+        """(caption of every item, None: shards keep no aliases), or None when no item has a caption. Read once
+        per process and shard folder (its set-up check, the caption bank and every sample grid ask)."""
+        index = self.reader.folder / "index.json"
+        captions = list(_shard_captions(str(index.resolve()), index.stat().st_mtime_ns))
         return (_complete(captions), None) if any(captions) else None
 
     def load_state_dict(self, state: dict) -> None:
