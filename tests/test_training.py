@@ -53,6 +53,7 @@ def train(run_dir: Path, *overrides: str, resume: bool = False) -> dict:
     (["train.compile=layers"], "compile must be one of False, True, blocks"),
     (["train.reduce_precision=fp8"], "reduce_precision must be one of float32, bfloat16"),
     (["train.bucket_mb=0"], "bucket_mb must be positive"),
+    (["train.static_graph=true", "train.accumulation=2"], "static_graph cannot be combined with accumulation"),
     (["model.chanels=3"], "unknown key 'unet.chanels'"),
     (["data.dataset=imagenet"], "dataset must be one of digits"),
     (["sample.sigma_min=100"], "need 0 < sigma_min < sigma_max"),
@@ -239,17 +240,19 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP loading into one process
 @pytest.mark.parametrize("strategy, options", [
-    ("ddp", ["train.bucket_mb=0.01", "train.static_graph=true"]),  # several buckets, a static graph
+    ("ddp", ["train.bucket_mb=0.01", "train.accumulation=2"]),  # several buckets, all-reduced in round 2 only
+    ("ddp", ["train.static_graph=true"]),
     ("fsdp", []),
-    ("hsdp", ["train.shard_size=1"]),  # a 2x1 mesh: two replicas of a one-process shard group
-], ids=["ddp", "fsdp", "hsdp"])
+    # A 2x1 mesh, two replicas of a one-process shard group; across replicas only the last round all-reduces.
+    ("hsdp", ["train.shard_size=1", "train.accumulation=2"]),
+], ids=["ddp", "ddp-static-graph", "fsdp", "hsdp"])
 def test_two_process_gloo_run_matches_one_process(tmp_path, strategy, options):
     """Same global batch and noise on 2 processes as on 1; a sharded checkpoint resumes on 1 process with the
     weights and optimizer state of one-process training, then continues with the same losses."""
     train(tmp_path / "single", "train.steps=8")
     single = [float(v) for v in losses(tmp_path / "single")]
     np.testing.assert_allclose(_torchrun(tmp_path, strategy, [f"train.distributed={strategy}", *options]),
-                               single[:4], rtol=1e-4)
+                               single[:4], rtol=1e-4)  # accumulation rounds: the same global batch
     if strategy == "ddp":
         return
     assert (tmp_path / strategy / "checkpoints" / "step-0000004" / "optimizer").is_dir()  # sharded

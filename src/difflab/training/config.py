@@ -136,6 +136,9 @@ class TrainConfig:
         _choice("compile", self.compile, (False, True, "blocks"))
         _positive("shard_size", self.shard_size, allow_zero=True)
         _positive("bucket_mb", self.bucket_mb)
+        if self.static_graph and self.accumulation > 1:  # DDP's no_sync rounds break its static-graph reducer
+            raise ValueError("static_graph cannot be combined with accumulation > 1 (DDP skips the all-reduce in "
+                             "the first rounds, so the graph is not the same every backward pass)")
         if self.batch % self.accumulation:
             raise ValueError(f"batch {self.batch} is not divisible by accumulation {self.accumulation}")
         if not all(0 < d < 1 for d in self.ema_decays):
