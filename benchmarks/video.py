@@ -115,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, help="frames of 6 clips of each model (PNG; a GIF beside it)")
     parser.add_argument("--temporal", choices=["attention", "conv", "spacetime"],
                         help="the video model's temporal layers (default: the recipe's)")
+    parser.add_argument("--spacetime-resolutions", type=lambda t: [int(v) for v in t.split(",")],
+                        help="also space-time attention at these feature-map sizes, e.g. 8 (default: the recipe's)")
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = load_yaml(RECIPE)
     if args.temporal:
         recipe["model"] = {**recipe["model"], "temporal": args.temporal}
+    if args.spacetime_resolutions:
+        recipe["model"] = {**recipe["model"], "spacetime_resolutions": args.spacetime_resolutions}
     if recipe["data"]["dataset"] != DATA:
         raise SystemExit(f"{RECIPE} trains on {recipe['data']['dataset']}; this benchmark measures {DATA}")
     clusters, epochs, sample_steps = 32, 15, recipe["sample"]["steps"]
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     real_features = frame_features(real_frames[pick])
 
     results = {"data": DATA, "steps": args.steps, "batch_clips": args.batch, "samples": args.samples,
-               "temporal": recipe["model"]["temporal"], "models": {}}
+               "temporal": recipe["model"]["temporal"],
+               "spacetime_resolutions": recipe["model"].get("spacetime_resolutions", []), "models": {}}
     reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[: args.samples]]
     results["real"] = coherence(reference, classifier)
     shown = {}

@@ -45,6 +45,7 @@ CASES = {
     "unet_temporal_attention": dict(UNET, temporal="attention"),
     "unet_temporal_conv": dict(UNET, temporal="conv"),
     "unet_temporal_spacetime": dict(UNET, temporal="spacetime"),
+    "unet_temporal_and_spacetime_at_4": dict(UNET, temporal="attention", spacetime_resolutions=(4,)),
     "dit_sincos": dict(DIT),
     "dit_rope": dict(DIT, pos_embed="rope"),
     "dit_factorised": dict(DIT, video_attention="factorised", frame_patch=2),
@@ -118,6 +119,14 @@ def test_what_a_temporal_layer_carries_from_one_frame_to_another(kind, reaches_o
     assert same > 1e-4
     assert (other > 0.3 * same) if reaches_other_pixels else (other < 0.2 * same)
     assert delta[frames:].max() == 0  # never another clip
+
+
+def test_spacetime_layers_only_at_the_sizes_asked():
+    kinds = [m.kind for m in build_network(CASES["unet_temporal_and_spacetime_at_4"]).modules()
+             if type(m).__name__ == "TemporalLayer"]
+    blocks = sum(type(m).__name__ == "ResBlock" for m in build_network(UNET).modules())
+    assert kinds.count("attention") == blocks  # per-pixel temporal attention after every block
+    assert 0 < kinds.count("spacetime") < kinds.count("attention")  # the 4x4 level's blocks and the middle
 
 
 @pytest.mark.parametrize("name", ["unet", "dit_sincos"])

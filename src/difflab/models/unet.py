@@ -52,6 +52,7 @@ class UNetConfig:
     controls: tuple[int, ...] = ()  # one ControlNet per entry: the channels of its control picture
     control_downsample: int = 1  # control pictures are this many times larger than x (a latent model's factor)
     temporal: str | None = None  # video form after each spatial block: "attention", "conv" or "spacetime"
+    spacetime_resolutions: tuple[int, ...] = ()  # video: also space-time attention after the blocks at these sizes
     frames: int | None = None  # clip length for model-info; any length runs
     checkpointing: bool = False
     channels_last: bool = True  # NHWC convolutions: faster with oneDNN on CPUs and with tensor cores on GPUs
@@ -193,12 +194,14 @@ class UNet(nn.Module):
         context_dim = emb_dim if c.text_dim else None
         widths = [c.channels * m for m in c.channel_mult]
 
-        def unit(in_ch: int, out_ch: int, attention: bool) -> Unit:
+        def unit(in_ch: int, out_ch: int, res: int, attention: bool | None = None) -> Unit:
             layers = [ResBlock(in_ch, out_ch, emb_dim, c.norm_groups, c.dropout)]
-            if attention:
+            if res in c.attention_resolutions if attention is None else attention:
                 layers.append(AttentionBlock(out_ch, c.head_dim, c.norm_groups, context_dim))
             if c.temporal:
                 layers.append(TemporalLayer(out_ch, c.temporal, c.head_dim, c.norm_groups))
+            if res in c.spacetime_resolutions:
+                layers.append(TemporalLayer(out_ch, "spacetime", c.head_dim, c.norm_groups))
             return Unit(*layers)
 
         self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, widths[0], 3, padding=1)
@@ -206,7 +209,7 @@ class UNet(nn.Module):
         skips, ch, res = [widths[0]], widths[0], c.resolution
         for level, width in enumerate(widths):
             for _ in range(c.blocks_per_level):
-                self.down.append(unit(ch, width, res in c.attention_resolutions))
+                self.down.append(unit(ch, width, res))
                 ch = width
                 skips.append(ch)
             if level < len(widths) - 1:
@@ -214,11 +217,11 @@ class UNet(nn.Module):
                 skips.append(ch)
                 res //= 2
         self.skip_channels = list(skips)  # what each skip connection carries (ControlNets add to each)
-        self.mid = nn.ModuleList([unit(ch, ch, c.mid_attention), unit(ch, ch, False)])
+        self.mid = nn.ModuleList([unit(ch, ch, res, c.mid_attention), unit(ch, ch, res, False)])
         self.up = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(c.blocks_per_level + 1):
-                self.up.append(unit(ch + skips.pop(), width, res in c.attention_resolutions))
+                self.up.append(unit(ch + skips.pop(), width, res))
                 ch = width
             if level > 0:
                 self.up.append(Unit(Upsample(ch)))
@@ -246,9 +249,10 @@ class UNet(nn.Module):
         c = self.config
         x = _network_input(x, concat, c.concat_channels)
         video = x.ndim == 5
-        if video and not c.temporal and x.shape[2] > 1:  # one-frame clips are images (a frame-independent model)
+        temporal = c.temporal or c.spacetime_resolutions
+        if video and not temporal and x.shape[2] > 1:  # one-frame clips are images (a frame-independent model)
             raise ValueError(f"got a video batch (B, C, T, H, W) of {x.shape[2]} frames but this U-Net has no temporal "
-                             "layers (temporal: null)")
+                             "layers (temporal: null, no spacetime_resolutions)")
         frames = x.shape[2] if video else 1
         x = _frames_as_images(x, c.channels_last)
         conditioning = (c_noise, class_labels, text, text_mask, guidance_scale)
