@@ -91,8 +91,8 @@ class ProgressiveObjective(_Student):
 
 class ConsistencyObjective(_Student):
     """Consistency distillation (``teacher`` steps with Heun between adjacent noise levels), also multistep, and,
-    without a teacher step, consistency training. The target network is an EMA of
-    the student (``distill.target_decay``)."""
+    without a teacher step, consistency training. The target network is an EMA of the student
+    (``distill.target_decay``)."""
 
     columns = ("intervals",)
 
