@@ -314,8 +314,7 @@ def write_samples(run: Run, out: str | Path, n: int, class_label="balanced", see
     if is_autoencoder(run.config):  # pictures of what it does: data over reconstruction
         if out.suffix != ".png":
             raise ValueError("an autoencoder run writes its reconstructions as a .png grid")
-        pictures = reconstruct(run, n, seed)
-        return save_image_grid(pictures, out, columns=min(n, 8)) if is_main() else out
+        return save_image_grid(reconstruct(run, n, seed), out, columns=min(n, 8)) if is_main() else out
     images, labels = draw(run, n, class_label, seed, progress, **options)
     if not is_main():  # under torchrun the first process writes what all of them drew
         return out
