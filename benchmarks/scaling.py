@@ -67,16 +67,15 @@ def _resident() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(spec: dict) -> None:
-    """One process of a run: build the trainer, take ``steps`` optimizer steps, write what it measured."""
+def worker(spec: dict, world) -> None:
+    """One process of a run: build the trainer, take ``steps`` optimizer steps, write what it measured (or, for
+    ``kind`` sample, time a shared draw)."""
     import torch.distributed as dist
 
     from difflab.data import load_dataset
     from difflab.training import Trainer, resolve
-    from difflab.training.distributed import init_world
     from difflab.training.run import draw, load_run
 
-    world = init_world()
     if spec["kind"] == "sample":
         torch.set_num_threads(spec["threads"])
         run = load_run(spec["run_dir"])
@@ -86,7 +85,7 @@ def worker(spec: dict) -> None:
         seconds = time.perf_counter() - start
         if world.main:
             np.save(spec["out"] + ".npy", images.numpy())
-            Path(spec["out"] + ".json").write_text(json.dumps({"seconds": seconds}))
+        Path(f"{spec['out']}-rank{world.rank}.json").write_text(json.dumps({"seconds": seconds}))
         return
     config = resolve(spec["config"], spec["settings"])
     load_dataset(config.data.dataset)  # held before the baseline: the data is not the trainer's memory
@@ -119,13 +118,14 @@ def worker(spec: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ the orchestrator
 def launch(spec: dict, processes: int, threads: int, work: Path) -> list[dict]:
-    """Run :func:`worker` on ``processes`` torchrun processes of ``threads`` threads; their results by rank."""
+    """Run :func:`worker` on ``processes`` torchrun processes of ``threads`` threads; their results by rank. Training
+    runs measure memory, so glibc maps every allocation above 64 KiB on its own (see the module docstring)."""
     spec_file = work / f"spec-{time.monotonic_ns()}.json"
     spec_file.write_text(json.dumps(spec))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                __file__, "--worker", str(spec_file)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
+           **({"MALLOC_MMAP_THRESHOLD_": "65536"} if spec["kind"] == "train" else {})}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"worker failed ({spec.get('kind')}):\n{result.stderr[-3000:]}")
@@ -203,15 +203,7 @@ def sampling(args, work: Path, run_dir: str) -> dict:
     for label, processes, threads in (("1 process, 2 threads", 1, 2), ("2 processes, 1 thread", 2, 1)):
         out = str(work / f"sample-{processes}")
         spec = dict(kind="sample", run_dir=run_dir, n=args.samples, sampling_steps=18, threads=threads, out=out)
-        spec_file = work / f"sample-{processes}.json"
-        spec_file.write_text(json.dumps(spec))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-                   __file__, "--worker", str(spec_file)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"sampling worker failed:\n{result.stderr[-3000:]}")
-        seconds = json.loads(Path(out + ".json").read_text())["seconds"]
+        seconds = launch(spec, processes, threads, work)[0]["seconds"]  # the first process's: it gathers them all
         rows[label] = dict(processes=processes, seconds=seconds, images_per_second=args.samples / seconds,
                            images=np.load(out + ".npy"))
         print(f"  sampling, {label}: {args.samples / seconds:.1f} images/s", flush=True)
@@ -275,7 +267,12 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
-        worker(json.loads(args.worker.read_text()))
+        from difflab.training.distributed import close_world, init_world
+
+        world = init_world()
+        worker(json.loads(args.worker.read_text()), world)
+        world.barrier()  # no process leaves (and tears down its side of the group) while another still works
+        close_world(world)
         return {}
     report = {"settings": dict(batch=args.batch, steps=args.steps, warmup=args.warmup, torch=torch.__version__,
                                cpus=os.cpu_count())}
