@@ -61,24 +61,27 @@ def run_case(name: str, args, peers: dict) -> dict:
     mixture = build()
     shape = mixture.sample_shape
     noise = torch.randn(args.samples, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    exact = mixture.sample(args.samples, generator=torch.Generator().manual_seed(2))
+    exact = mixture.sample(args.mmd_samples, generator=torch.Generator().manual_seed(2))
     start = time.perf_counter()
     reference = reference_solution(mixture, noise * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX, steps=args.reference_steps)
     coarse = reference_solution(mixture, noise * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX, steps=args.reference_steps // 2)
     reference_error = rmse(coarse, reference)  # an upper bound on the reference's own error
     bandwidth = torch.cdist(exact.flatten(1)[:500], exact.flatten(1)[:500]).median().item()
     bandwidths = (0.5 * bandwidth, bandwidth, 2 * bandwidth)
-    floor = mmd(mixture.sample(args.samples, generator=torch.Generator().manual_seed(5)), exact, bandwidths)
+    floor = mmd(mixture.sample(args.mmd_samples, generator=torch.Generator().manual_seed(5)), exact, bandwidths)
     print(f"\n== {name}: {description}; reference in {time.perf_counter() - start:.0f}s, changes by "
           f"{reference_error:.1e} at half the steps; MMD between two exact sample sets {floor:.1e}", flush=True)
 
     rows = []
+    squared_errors = {}  # (budget, config) -> each sample's mean squared error, for the ratio's interval
 
     def record(side: str, config: str, x0, nfe_used: int, budget: int, seconds: float, stochastic: bool):
+        squared = (x0.double() - reference).flatten(1).square().mean(1)
+        squared_errors[budget, config] = squared
         rows.append({"side": side, "config": config, "nfe_budget": budget, "nfe": nfe_used,
                      "stochastic": stochastic, "rmse": rmse(x0, reference),
-                     "median_error": (x0.double() - reference).flatten(1).square().mean(1).sqrt().median().item(),
-                     "mmd": mmd(x0, exact, bandwidths) if torch.isfinite(x0).all() else math.inf,
+                     "median_error": squared.sqrt().median().item(),
+                     "mmd": mmd(x0[:len(exact)], exact, bandwidths) if torch.isfinite(x0).all() else math.inf,
                      "seconds": round(seconds, 3)})
 
     solvers = [s for s in SOLVERS if re.search(args.solvers, s)]
@@ -108,6 +111,7 @@ def run_case(name: str, args, peers: dict) -> dict:
             t0 = time.perf_counter()
             bespoke = fit_bespoke(mixture, budget, SIGMA_MIN, SIGMA_MAX, shape=(args.bespoke_samples, *shape),
                                   dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}",
+                                  restarts=args.restarts,
                                   extra_starts=[(s, sigmas) for s, sigmas in optimized if s in LINEAR_SOLVERS])
             x0 = bespoke(mixture, noise * bespoke.sigmas[0])
             record("difflab", "bespoke", x0, bespoke.nfe, budget, time.perf_counter() - t0, False)
@@ -122,7 +126,7 @@ def run_case(name: str, args, peers: dict) -> dict:
             record(runner.library, peer_name, result.x0, result.nfe, budget, result.seconds, runner.stochastic)
         print(f"  NFE {budget:3d}: {len([r for r in rows if r['nfe_budget'] == budget])} configurations run",
               flush=True)
-    summary = summarise(rows, args.nfe)
+    summary = summarise(rows, args.nfe, squared_errors)
     print_table(name, summary)
     return {"description": description, "mmd_floor": floor, "reference_half_steps_rmse": reference_error,
             "summary": summary, "rows": rows}
@@ -133,7 +137,20 @@ def best(rows, budget, predicate):
     return min(candidates, key=lambda r: r["rmse"]) if candidates else None
 
 
-def summarise(rows, budgets) -> list[dict]:
+def ratio_interval(peer: torch.Tensor, ours: torch.Tensor, resamples: int = 2000) -> tuple[float, float]:
+    """A 90% bootstrap interval of RMSE(peer) / RMSE(ours) over the noise samples (paired: both solved the same).
+
+    A sample near a boundary between modes can end in another mode than the reference and carry much of a
+    solver's squared error, so the ratio at one budget moves with a few samples; this says how much.
+    """
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(len(ours), (resamples, len(ours)), generator=g)
+    ratios = (peer[index].mean(1) / ours[index].mean(1)).sqrt()
+    low, high = torch.quantile(ratios, torch.tensor([0.05, 0.95], dtype=ratios.dtype)).tolist()
+    return low, high
+
+
+def summarise(rows, budgets, squared_errors: dict | None = None) -> list[dict]:
     summary = []
     for budget in budgets:
         ours = best(rows, budget, lambda r: r["side"] == "difflab")
@@ -142,9 +159,11 @@ def summarise(rows, budgets) -> list[dict]:
         by_library = {lib: best(rows, budget, lambda r, lib=lib: r["side"] == lib)
                       for lib in ("diffusers", "k-diffusion")}
         ratio = peer["rmse"] / ours["rmse"] if ours and peer else None
+        interval = (ratio_interval(squared_errors[budget, peer["config"]], squared_errors[budget, ours["config"]])
+                    if ratio and squared_errors else None)
         summary.append({"nfe": budget, "difflab": ours, "difflab_closed_form": closed, "peer": peer,
                         **{f"best_{lib}": row for lib, row in by_library.items()},
-                        "peer_over_difflab": ratio,
+                        "peer_over_difflab": ratio, "ratio_interval_90": interval,
                         "target_met": None if ratio is None or budget > 20 else ratio >= 2.0})
     return summary
 
@@ -153,12 +172,20 @@ def _cell(row) -> str:
     return f"{row['config'][:48]:48s} {row['rmse']:8.2e} {row['mmd']:8.1e}" if row else f"{'-':48s} {'':8s} {'':8s}"
 
 
+def _ratio(s: dict) -> str:
+    """The peer / difflab ratio with its 90% interval, e.g. "2.16x (1.60-2.90)"."""
+    if not s["peer_over_difflab"]:
+        return "-"
+    interval = s.get("ratio_interval_90")
+    return f"{s['peer_over_difflab']:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
+
+
 def print_table(name: str, summary) -> None:
     print(f"\n{name}: best endpoint RMSE per NFE budget (MMD to exact samples beside it)")
     print(f"{'NFE':>4} | {'difflab best':48s} {'RMSE':>8s} {'MMD':>8s} | {'difflab closed-form':48s} "
-          f"{'RMSE':>8s} {'MMD':>8s} | {'best peer':48s} {'RMSE':>8s} {'MMD':>8s} | peer/difflab")
+          f"{'RMSE':>8s} {'MMD':>8s} | {'best peer':48s} {'RMSE':>8s} {'MMD':>8s} | peer/difflab (90% interval)")
     for s in summary:
-        ratio = f"{s['peer_over_difflab']:6.2f}x" if s["peer_over_difflab"] else "   -"
+        ratio = _ratio(s)
         mark = {True: " ok", False: " MISSED", None: ""}[s["target_met"]]
         print(f"{s['nfe']:4d} | {_cell(s['difflab'])} | {_cell(s['difflab_closed_form'])} | {_cell(s['peer'])} | "
               f"{ratio}{mark}")
@@ -171,14 +198,13 @@ def markdown(results: dict) -> str:
         lines += [f"**{name}** ({result['description']}; MMD between two exact sample sets: "
                   f"{result['mmd_floor']:.1e})", "",
                   "| NFE | difflab best | RMSE | median | MMD | difflab, closed-form schedule | RMSE "
-                  "| best peer | RMSE | median | MMD | peer / difflab |",
+                  "| best peer | RMSE | median | MMD | peer / difflab (90% interval) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in result["summary"]:
             ours, closed, peer = s["difflab"], s["difflab_closed_form"], s["peer"]
             peer_cells = (f"{peer['config']} | {peer['rmse']:.2e} | {peer['median_error']:.1e} | {peer['mmd']:.1e}"
                           if peer else "- | - | - | -")
-            ratio = f"{s['peer_over_difflab']:.2f}x" if s["peer_over_difflab"] else "-"
-            ratio += " (missed)" if s["target_met"] is False else ""
+            ratio = _ratio(s) + (" (missed)" if s["target_met"] is False else "")
             lines.append(f"| {s['nfe']} | {ours['config']} | {ours['rmse']:.2e} | {ours['median_error']:.1e} | "
                          f"{ours['mmd']:.1e} | {closed['config']} | {closed['rmse']:.2e} | {peer_cells} | {ratio} |")
         lines.append("")
@@ -210,7 +236,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--nfe", type=_budgets, default="3,5,8,10,15,20,35,50", help="NFE budgets")
-    parser.add_argument("--samples", type=int, default=1000, help="noise samples evaluated (and exact samples)")
+    parser.add_argument("--samples", type=int, default=1000, help="noise samples evaluated")
+    parser.add_argument("--mmd-samples", type=int, default=1000,
+                        help="exact samples, and the first results, that the MMD compares (it costs their square)")
     parser.add_argument("--search-samples", type=int, default=512, help="noise samples for the schedule search")
     parser.add_argument("--reference-steps", type=int, default=1000, help="RK4 steps of the reference solution")
     parser.add_argument("--solvers", default=".", help="regex selecting difflab solvers")
@@ -219,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bespoke", action="store_true", help="skip the learned bespoke solver")
     parser.add_argument("--bespoke-samples", type=int, default=4096,
                         help="noise samples the bespoke solver is fitted on (and as many held out)")
+    parser.add_argument("--restarts", type=int, default=4,
+                        help="bespoke fits from the best start of this many solvers; the best held out is kept")
     parser.add_argument("--cache", type=Path, default=Path("out/bench-cache/optimized_schedules.json"))
     parser.add_argument("--plots", type=Path, default=Path("docs/figures"), help="folder for the figures")
     parser.add_argument("--json", type=Path, help="write every figure here")

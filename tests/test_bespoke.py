@@ -51,6 +51,18 @@ def test_fit_starts_from_the_best_closed_form_solver_exactly():
         BespokeSolver.from_solver("heun", sigmas)
 
 
+def test_restarts_fit_from_the_best_start_of_several_solvers_and_keep_the_best_held_out():
+    mixture = GaussianMixture.random(8, 6, std=0.1)
+    options = {"shape": (128, 8), "dtype": torch.float64, "steps": 2, "reference_steps": 30, "cache": False}
+    single = fit_bespoke(mixture, 4, **options)
+    solver = fit_bespoke(mixture, 4, restarts=3, **options)
+    fits = solver.info["restarts"]
+    assert len(fits) == 3 and single.info["start"] in fits  # the best start is among them, with its own fit
+    assert fits[single.info["start"]] == pytest.approx(single.info["held_out_rmse"], rel=1e-12)
+    assert solver.info["held_out_rmse"] == min(fits.values()) <= single.info["held_out_rmse"]
+    with pytest.raises(ValueError, match="restarts"):
+        fit_bespoke(mixture, 4, restarts=0, **options)
+
 
 def test_fit_can_start_from_a_given_schedule():
     mixture = GaussianMixture.ring()

@@ -195,6 +195,7 @@ def fit_bespoke(
     reference_steps: int = 200,
     start_solvers: Sequence[str] = LINEAR_SOLVERS,
     extra_starts: Sequence[tuple[str, torch.Tensor]] = (),
+    restarts: int = 1,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     cache: str | Path | bool = True,
@@ -204,16 +205,21 @@ def fit_bespoke(
     """Fit a :class:`BespokeSolver` with ``nfe`` evaluations to ``denoiser`` from noise of ``shape``.
 
     ``shape`` is (batch, *sample_shape): the training noises are its first draw from ``seed`` (the noise
-    :func:`~difflab.sampling.optimize.optimized` searches on), the held-out noises its second. The start
+    :func:`~difflab.sampling.optimize.optimized` searches on), the held-out noises its second. A start
     is the pair of a solver from ``start_solvers`` and a schedule (every candidate of the optimised schedule's
-    search), or one of the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules), with the lowest error on
-    the training batch. Each of up to ``steps``
+    search), or one of the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules); the fit starts from
+    the one with the lowest error on the training batch, and with ``restarts`` > 1 also from the best start
+    of each of the next-best solvers, ``restarts`` fits in all. Each of up to ``steps``
     L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is followed by the held-out
-    error; the solver with the lowest held-out error is returned, and fitting stops after ``patience``
-    iterations without a new lowest. ``cond`` is batch-aligned with
-    ``shape`` and used for both batches. ``cache`` and ``cache_key`` work as for ``optimized``.
+    error; the solver with the lowest held-out error over all fits is returned, and a fit stops after
+    ``patience`` iterations without a new lowest of its own. Restarts pay because the loss is dominated by
+    the few noises that end in another mode, so fits from different starts end in quite different places.
+    ``cond`` is batch-aligned with ``shape`` and used for both batches. ``cache`` and ``cache_key`` work
+    as for ``optimized``.
     """
     _check(nfe, sigma_min, sigma_max)
+    if restarts < 1:
+        raise ValueError(f"restarts must be at least 1, got {restarts}")
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
     cond = cond or {}
@@ -221,7 +227,7 @@ def fit_bespoke(
     start_key = ",".join(start_solvers) + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
     key = (f"{key_id}|bespoke|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
-           f"{patience}|{start_key}")
+           f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else ""))
     stored = cached(path, key)
     if stored is not None:
         return BespokeSolver.from_dict(stored)
@@ -245,45 +251,57 @@ def fit_bespoke(
                 return math.inf
             return rmse(start(denoiser, noise * start.sigmas[0], **cond), target)
 
-        start, start_logits = min(starts, key=lambda pair: error(pair[0]))
-        start.info["start_sigmas"] = start.sigmas
-    params = _Parameters(start, start_logits, sigma_min, sigma_max)
+        errors = [error(candidate) for candidate, _ in starts]
+        chosen, solvers_seen = [], set()  # the best start of each of the `restarts` best solvers
+        for k in sorted(range(len(starts)), key=errors.__getitem__):
+            if starts[k][0].info["start"] not in solvers_seen and len(chosen) < restarts:
+                chosen.append(starts[k])
+                solvers_seen.add(starts[k][0].info["start"])
 
-    def loss(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         sigmas, a, b = params.coefficients()
         x0 = _integrate(denoiser, z * sigmas[0].to(z.dtype), sigmas, a, b, cond)
         return (x0.double() - reference.double()).square().mean().sqrt()
 
-    def held_out_error() -> float:
-        with torch.no_grad():
-            return loss(held_out, held_out_target).item()
+    bar = tqdm(total=steps * len(chosen), desc=f"fitting bespoke solver ({nfe} NFE)", disable=not progress,
+               leave=False)
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        error = loss(noise, target)
-        error.backward()
-        return error
+    def fit(start: BespokeSolver, start_logits: torch.Tensor) -> BespokeSolver:
+        params = _Parameters(start, start_logits, sigma_min, sigma_max)
 
-    best_error, best_state, best_step = held_out_error(), copy.deepcopy(params.state_dict()), 0
-    start_error, step = best_error, 0
-    optimizer = _lbfgs(params)
-    bar = tqdm(total=steps, desc=f"fitting bespoke solver ({nfe} NFE)", disable=not progress, leave=False)
-    for step in range(1, steps + 1):
-        train_error = optimizer.step(closure).item()  # the training error before this iteration
-        error = held_out_error()
-        bar.update()
-        bar.set_postfix(train=f"{train_error:.2e}", held_out=f"{error:.2e}")
-        if math.isfinite(error) and error < best_error:
-            best_error, best_state, best_step = error, copy.deepcopy(params.state_dict()), step
-        if step - best_step >= patience:
-            break
-        if not math.isfinite(error):  # a diverged line search: back to the best point, fresh curvature
-            params.load_state_dict(best_state)
-            optimizer = _lbfgs(params)
+        def held_out_error() -> float:
+            with torch.no_grad():
+                return loss(params, held_out, held_out_target).item()
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            error = loss(params, noise, target)
+            error.backward()
+            return error
+
+        best_error, best_state, best_step = held_out_error(), copy.deepcopy(params.state_dict()), 0
+        start_error, step = best_error, 0
+        optimizer = _lbfgs(params)
+        for step in range(1, steps + 1):
+            train_error = optimizer.step(closure).item()  # the training error before this iteration
+            error = held_out_error()
+            bar.update()
+            bar.set_postfix(start=start.info["start"], train=f"{train_error:.2e}", held_out=f"{error:.2e}")
+            if math.isfinite(error) and error < best_error:
+                best_error, best_state, best_step = error, copy.deepcopy(params.state_dict()), step
+            if step - best_step >= patience:
+                break
+            if not math.isfinite(error):  # a diverged line search: back to the best point, fresh curvature
+                params.load_state_dict(best_state)
+                optimizer = _lbfgs(params)
+        params.load_state_dict(best_state)
+        return params.solver({**start.info, "start_sigmas": start.sigmas, "held_out_rmse": best_error,
+                              "initial_held_out_rmse": start_error, "best_step": best_step, "steps_run": step})
+
+    fits = [fit(*pair) for pair in chosen]
     bar.close()
-    params.load_state_dict(best_state)
-    solver = params.solver({**start.info, "held_out_rmse": best_error, "initial_held_out_rmse": start_error,
-                            "best_step": best_step, "steps_run": step})
+    solver = min(fits, key=lambda fitted: fitted.info["held_out_rmse"])
+    solver.info["restarts"] = {fitted.info["start"]: fitted.info["held_out_rmse"] for fitted in fits}
     if path is not None:
         _write_cache(path, key, solver.to_dict())
     return solver
