@@ -254,7 +254,9 @@ def fit_bespoke(
         errors = [error(candidate) for candidate, _ in starts]
         chosen, solvers_seen = [], set()  # the best start of each of the `restarts` best solvers
         for k in sorted(range(len(starts)), key=errors.__getitem__):
-            if starts[k][0].info["start"] not in solvers_seen and len(chosen) < restarts:
+            if len(chosen) == restarts:
+                break
+            if starts[k][0].info["start"] not in solvers_seen:
                 chosen.append(starts[k])
                 solvers_seen.add(starts[k][0].info["start"])
 
