@@ -232,22 +232,36 @@ def _budgets(text: str) -> list[int]:
     return budgets
 
 
+def _at_least(minimum: int):
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return count
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--nfe", type=_budgets, default="3,5,8,10,15,20,35,50", help="NFE budgets")
-    parser.add_argument("--samples", type=int, default=1000, help="noise samples evaluated")
-    parser.add_argument("--mmd-samples", type=int, default=1000,
+    parser.add_argument("--samples", type=_at_least(2), default=1000, help="noise samples evaluated")
+    parser.add_argument("--mmd-samples", type=_at_least(2), default=1000,
                         help="exact samples, and the first results, that the MMD compares (it costs their square)")
-    parser.add_argument("--search-samples", type=int, default=512, help="noise samples for the schedule search")
-    parser.add_argument("--reference-steps", type=int, default=1000, help="RK4 steps of the reference solution")
+    parser.add_argument("--search-samples", type=_at_least(1), default=512,
+                        help="noise samples for the schedule search")
+    parser.add_argument("--reference-steps", type=_at_least(2), default=1000,
+                        help="RK4 steps of the reference solution")
     parser.add_argument("--solvers", default=".", help="regex selecting difflab solvers")
     parser.add_argument("--peers", default=".", help="regex selecting peers; 'none' for none")
     parser.add_argument("--no-optimized", action="store_true", help="skip the optimised schedule")
     parser.add_argument("--no-bespoke", action="store_true", help="skip the learned bespoke solver")
-    parser.add_argument("--bespoke-samples", type=int, default=4096,
+    parser.add_argument("--bespoke-samples", type=_at_least(1), default=4096,
                         help="noise samples the bespoke solver is fitted on (and as many held out)")
-    parser.add_argument("--restarts", type=int, default=4,
+    parser.add_argument("--restarts", type=_at_least(1), default=4,
                         help="bespoke fits from the best start of this many solvers; the best held out is kept")
     parser.add_argument("--cache", type=Path, default=Path("out/bench-cache/optimized_schedules.json"))
     parser.add_argument("--plots", type=Path, default=Path("docs/figures"), help="folder for the figures")

@@ -45,7 +45,10 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [(["--cases", "nope"], "unknown case(s) nope"),
-                                           (["--nfe", "3,x"], "expected comma-separated positive integers")])
+                                           (["--nfe", "3,x"], "expected comma-separated positive integers"),
+                                           (["--restarts", "0"], "expected an integer >= 1, got '0'"),
+                                           (["--mmd-samples", "1"], "expected an integer >= 2, got '1'"),
+                                           (["--samples", "many"], "expected an integer >= 2, got 'many'")])
 def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         samplers_module.main(args)

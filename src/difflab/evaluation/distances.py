@@ -24,9 +24,12 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | None =
     if x.shape[1] != y.shape[1] or x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(f"need two sets of >= 2 samples of equal dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
     pooled = torch.cat([x, y])
-    sq = torch.cdist(pooled, pooled, compute_mode="donot_use_mm_for_euclid_dist").square()
+    # Squared distances through a matrix product: in float64 their rounding (~1e-16 of |x|^2) is far below
+    # any kernel's bandwidth, and it is ~10x faster than the direct difference.
+    norms = pooled.square().sum(1)
+    sq = (norms[:, None] + norms[None, :] - 2 * pooled @ pooled.T).clamp(min=0)
     if bandwidths is None:
-        median = sq[sq > 0].median().sqrt().item()
+        median = sq[~torch.eye(len(sq), dtype=torch.bool)].median().sqrt().item()  # off the diagonal
         bandwidths = (0.5 * median, median, 2 * median)
     kernel = sum(torch.exp(-sq / (2 * b**2)) for b in bandwidths)
     n, m = x.shape[0], y.shape[0]
