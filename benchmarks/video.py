@@ -38,6 +38,7 @@ from difflab.config import load_yaml
 from difflab.data import load_dataset
 from difflab.evaluation import FeatureExtractor, cluster_features, feature_network, frechet_distance
 from difflab.evaluation.plots import save_image_grid, save_video
+from difflab.models.unet import TEMPORAL_KINDS
 from difflab.training import Trainer, resolve
 from difflab.training.run import draw, load_run
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--figure", type=Path, help="frames of 6 clips of each model (PNG; a GIF beside it)")
-    parser.add_argument("--temporal", choices=["attention", "conv", "spacetime"],
+    parser.add_argument("--temporal", choices=[kind for kind in TEMPORAL_KINDS if kind],
                         help="the video model's temporal layers (default: the recipe's)")
     parser.add_argument("--spacetime-resolutions", type=lambda t: [int(v) for v in t.split(",")],
                         help="also space-time attention at these feature-map sizes, e.g. 8 (default: the recipe's)")

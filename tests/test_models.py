@@ -44,6 +44,7 @@ CASES = {
     "unet": dict(UNET),
     "unet_temporal_attention": dict(UNET, temporal="attention"),
     "unet_temporal_conv": dict(UNET, temporal="conv"),
+    "unet_temporal_conv3d": dict(UNET, temporal="conv3d"),
     "unet_temporal_spacetime": dict(UNET, temporal="spacetime"),
     "unet_temporal_and_spacetime_at_4": dict(UNET, temporal="attention", spacetime_resolutions=(4,)),
     "dit_sincos": dict(DIT),
@@ -101,23 +102,26 @@ def test_temporal_layers_mix_frames():
     assert delta.abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("kind, reaches_other_pixels", [("attention", False), ("conv", False), ("spacetime", True)])
-def test_what_a_temporal_layer_carries_from_one_frame_to_another(kind, reaches_other_pixels):
+@pytest.mark.parametrize("kind, reaches", [("attention", "same"), ("conv", "same"), ("conv3d", "neighbours"),
+                                           ("spacetime", "all")])
+def test_what_a_temporal_layer_carries_from_one_frame_to_another(kind, reaches):
     """Per-pixel layers carry a change of frame 0 to the same pixel of frame 1 (other pixels see it only through
-    frame 0's normalisation statistics); space-time attention to every pixel of frame 1 alike, so what frames share
-    can follow a moving object."""
+    frame 0's normalisation statistics); the space-time convolution to that pixel's neighbours, space-time
+    attention to every pixel of frame 1 alike, so what frames share can follow a moving object."""
     from difflab.models.unet import Context, TemporalLayer
 
     torch.manual_seed(0)
     layer = randomize(TemporalLayer(8, kind, head_dim=4, groups=4))
     frames, ctx = 3, Context(None, None, None, 3)
-    x = torch.randn(2 * frames, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2 * frames, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     changed = x.clone()
     changed[0, :, 0, 0] += 1  # clip 0, frame 0, pixel (0, 0)
     delta = (layer(changed, ctx) - layer(x, ctx)).abs().amax(1)  # (B*T, H, W)
-    same, other = delta[1, 0, 0], delta[1].flatten()[1:].mean()  # frame 1: the changed pixel, and the others
+    # frame 1: the changed pixel, a neighbour, and the pixels far from it
+    same, neighbour, far = delta[1, 0, 0], delta[1, 1, 1], delta[1, 4:, 4:].mean()
     assert same > 1e-4
-    assert (other > 0.3 * same) if reaches_other_pixels else (other < 0.2 * same)
+    assert (neighbour > 0.3 * same) == (reaches != "same")
+    assert (far > 0.3 * same) == (reaches == "all")
     assert delta[frames:].max() == 0  # never another clip
 
 

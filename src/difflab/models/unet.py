@@ -28,6 +28,8 @@ from torch import nn
 from difflab.conditioning import ConditionEmbedding
 from difflab.models.layers import Attention, group_norm, maybe_checkpoint, rope_table, zero_init
 
+TEMPORAL_KINDS = (None, "attention", "conv", "conv3d", "spacetime")
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -51,15 +53,15 @@ class UNetConfig:
     guidance_embed: bool = False  # a guidance scale input: guidance-distilled students (Meng et al. 2023)
     controls: tuple[int, ...] = ()  # one ControlNet per entry: the channels of its control picture
     control_downsample: int = 1  # control pictures are this many times larger than x (a latent model's factor)
-    temporal: str | None = None  # video form after each spatial block: "attention", "conv" or "spacetime"
+    temporal: str | None = None  # video form after each block: "attention", "conv", "conv3d" or "spacetime"
     spacetime_resolutions: tuple[int, ...] = ()  # video: also space-time attention after the blocks at these sizes
     frames: int | None = None  # clip length for model-info; any length runs
     checkpointing: bool = False
     channels_last: bool = True  # NHWC convolutions: faster with oneDNN on CPUs and with tensor cores on GPUs
 
     def __post_init__(self):
-        if self.temporal not in (None, "attention", "conv", "spacetime"):
-            raise ValueError(f"temporal must be attention, conv, spacetime or null, got {self.temporal!r}")
+        if self.temporal not in TEMPORAL_KINDS:
+            raise ValueError(f"temporal must be one of {', '.join(map(str, TEMPORAL_KINDS))}, got {self.temporal!r}")
         if self.resolution % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channel_mult) - 1}")
         if any(c < 1 for c in self.controls):
@@ -122,8 +124,9 @@ class AttentionBlock(nn.Module):
 
 class TemporalLayer(nn.Module):
     """Mixes information across frames; zero-initialised, so it starts as the identity. ``attention`` and ``conv``
-    work at every pixel across its frames; ``spacetime`` attends from every pixel of every frame to all of them
-    (3-D RoPE), so what a frame shares with the others can follow a moving object."""
+    work at every pixel across its frames; ``conv3d`` is a (3, 3, 3) convolution, which links each pixel to its
+    neighbours in the adjacent frames, so what frames share can follow an object moving a pixel a frame at
+    every level; ``spacetime`` attends from every pixel of every frame to all of them (3-D RoPE)."""
 
     def __init__(self, channels: int, kind: str, head_dim: int, groups: int):
         super().__init__()
@@ -132,14 +135,15 @@ class TemporalLayer(nn.Module):
         if kind in ("attention", "spacetime"):
             self.attn = Attention(channels, max(channels // head_dim, 1), zero_out=True)
         else:
-            self.conv = zero_init(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+            space = 3 if kind == "conv3d" else 1
+            self.conv = zero_init(nn.Conv3d(channels, channels, (3, space, space), padding=(1, space // 2, space // 2)))
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         if ctx.frames == 1:
             return x
         frames, (bt, channels, height, width) = ctx.frames, x.shape
         h = self.norm(x).view(bt // frames, frames, channels, height, width)
-        if self.kind == "conv":
+        if self.kind in ("conv", "conv3d"):
             h = self.conv(F.silu(h.transpose(1, 2))).transpose(1, 2)  # conv over (B, C, T, H, W)
             return x + h.reshape(bt, channels, height, width)
         if self.kind == "spacetime":
