@@ -25,7 +25,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | None =
         raise ValueError(f"need two sets of >= 2 samples of equal dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
     pooled = torch.cat([x, y])
     # Squared distances through a matrix product: in float64 their rounding (~1e-16 of |x|^2) is far below
-    # any kernel's bandwidth, and it is ~10x faster than the direct difference.
+    # any kernel's bandwidth, and it is about 3x faster than the direct differences of torch.cdist.
     norms = pooled.square().sum(1)
     sq = (norms[:, None] + norms[None, :] - 2 * pooled @ pooled.T).clamp(min=0)
     if bandwidths is None:
