@@ -61,7 +61,8 @@ class UNetConfig:
 
     def __post_init__(self):
         if self.temporal not in TEMPORAL_KINDS:
-            raise ValueError(f"temporal must be one of {', '.join(map(str, TEMPORAL_KINDS))}, got {self.temporal!r}")
+            kinds = ", ".join(kind or "null" for kind in TEMPORAL_KINDS)
+            raise ValueError(f"temporal must be one of {kinds}, got {self.temporal!r}")
         if self.resolution % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channel_mult) - 1}")
         if any(c < 1 for c in self.controls):
