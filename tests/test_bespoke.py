@@ -87,6 +87,24 @@ def test_fitted_solver_beats_every_closed_form_solver_on_held_out_noise(mixture,
     assert solver.info["held_out_rmse"] < solver.info["initial_held_out_rmse"]
 
 
+def test_one_evaluation_solves_a_gaussian_through_the_last_steps_weight_on_x():
+    """For N(mu, s^2) the exact endpoint from x_T = sigma_max z is (1 - k) mu + s' z, with k = s / sqrt(s^2 +
+    sigma_max^2) and s' = sigma_max k. From where the solver starts, x = sigma z, and D(x; sigma) = mu + s^2 /
+    (s^2 + sigma^2) (x - mu), it is a x + b D with b = (1 - k) (s^2 + sigma^2) / sigma^2 and a = s' / sigma -
+    b s^2 / (s^2 + sigma^2): weight on x, which closed-form solvers do not have in their last step, so they miss
+    it by far at one evaluation and the fitted solver learns it."""
+    mu, s = torch.tensor([[1.0, -0.5]], dtype=torch.float64), 0.3
+    gaussian = GaussianMixture(mu, torch.tensor([s], dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    solver = fit_bespoke(gaussian, 1, shape=(256, 2), dtype=torch.float64, steps=10, reference_steps=50, cache=False)
+    noise, reference = held_out(gaussian)
+    assert rmse(solver(gaussian, noise * solver.sigmas[0]), reference) < 1e-3  # measured 2.7e-5
+    assert best_closed_form(gaussian, 1, noise, reference) > 0.1  # measured 0.30
+    sigma, k = solver.sigmas[0], s / (s**2 + 80.0**2) ** 0.5
+    b = (1 - k) * (s**2 + sigma**2) / sigma**2
+    assert solver.b[-1][0] == pytest.approx(b, abs=1e-3)
+    assert solver.a[-1] == pytest.approx(80.0 * k / sigma - b * s**2 / (s**2 + sigma**2), abs=1e-3)
+
+
 def test_contract_one_call_per_nfe_never_at_sigma_zero():
     mixture = GaussianMixture.ring()
     solver = fit_bespoke(mixture, 4, shape=(64, 2), dtype=torch.float64, steps=2, reference_steps=20,

@@ -4,14 +4,19 @@ In the spirit of Bespoke Non-Stationary solvers (Shaul et al. 2024, "BNS"): with
 evaluations, every deterministic solver's iterate is a linear combination of the starting point and the
 denoiser outputs so far, with coefficients that depend only on the step. So the family
 
-    x_{i+1} = a_i x_i + sum_{j <= i} b_ij D_j,   D_j = D(x_j; sigma_j),   x0 = sum_j b_{n-1,j} D_j
+    x_{i+1} = a_i x_i + sum_{j <= i} b_ij D_j,   D_j = D(x_j; sigma_j),   x_n = x0 at sigma = 0
 
 (a_i, b_ij free, one set per step: "non-stationary") holds every n-NFE multistep solver, and fitting
 its coefficients and its sigmas to a fine reference solution from many noises gives the best one for
-this denoiser. The steps are learned jointly, as LD3 (Tong et al. 2025) learns them by back-propagating
-through the solver. The coefficients are written relative to an exponential integrator on the data
-prediction (DPM-Solver++, Lu et al. 2022b), whose learned corrections DPM-Solver-v3 (Zheng et al. 2023)
-and AMED (Zhou et al. 2024) also fit:
+this denoiser. The last step's weight on x, a_{n-1}, is 0 in every closed-form solver (their last step
+returns a combination of the D_j), but it is free here: from a last sigma that is not small against the
+data's fine scale, the exact endpoint keeps part of x (for a Gaussian of std s, x0 = D + c (x - D), with
+c = (s / sqrt(s^2 + sigma^2) - s^2 / (s^2 + sigma^2)) (s^2 + sigma^2) / sigma^2, about 0.3 at sigma = 2 s),
+which a sum of posterior means alone cannot give back at few evaluations. The steps are learned jointly,
+as LD3 (Tong et al. 2025) learns them by back-propagating through the solver. The coefficients of the
+steps before the last are written relative to an exponential integrator on the data prediction
+(DPM-Solver++, Lu et al. 2022b), whose learned corrections DPM-Solver-v3 (Zheng et al. 2023) and AMED
+(Zhou et al. 2024) also fit:
 
     a_i = (sigma_{i+1} / sigma_i) e^{alpha_i},   b_ij = (1 - sigma_{i+1} / sigma_i) w_ij
 
@@ -72,7 +77,7 @@ def _integrate(denoiser, x: torch.Tensor, sigmas: Sequence, a: Sequence, b: Sequ
             callback({"i": i, "x": x, "sigma": float(sigmas[i]), "sigma_next": float(sigmas[i + 1]),
                       "denoised": denoised[-1]})
         update = sum(b_ij * d_j for b_ij, d_j in zip(b[i], denoised))
-        x = update if i == n - 1 else a[i] * x + update  # the last step lands on sigma = 0
+        x = a[i] * x + update  # the last step lands on sigma = 0
     return x
 
 
@@ -80,8 +85,9 @@ def _integrate(denoiser, x: torch.Tensor, sigmas: Sequence, a: Sequence, b: Sequ
 class BespokeSolver:
     """A fitted non-stationary multistep solver with ``nfe`` evaluations (see the module docstring).
 
-    ``sigmas``: the nfe evaluation sigmas, then 0. ``a``: the nfe - 1 weights on x_i. ``b``: row i holds
-    the weights of D_0..D_i; the last row is the returned estimate. ``info``: how it was fitted.
+    ``sigmas``: the nfe evaluation sigmas, then 0. ``a``: the nfe weights on x_i (the last on the final step's
+    x). ``b``: row i holds the weights of D_0..D_i; the last row's are the returned estimate's. ``info``: how it
+    was fitted.
     """
 
     sigmas: list[float]
@@ -93,8 +99,8 @@ class BespokeSolver:
         n = len(self.sigmas) - 1
         if n < 1 or self.sigmas[-1] != 0 or any(s <= 0 for s in self.sigmas[:-1]):
             raise ValueError("sigmas must be positive evaluation sigmas followed by a final 0")
-        if len(self.a) != n - 1 or [len(row) for row in self.b] != list(range(1, n + 1)):
-            raise ValueError(f"{n} evaluations need {n - 1} values in a and rows of 1..{n} values in b")
+        if len(self.a) != n or [len(row) for row in self.b] != list(range(1, n + 1)):
+            raise ValueError(f"{n} evaluations need {n} values in a and rows of 1..{n} values in b")
 
     @property
     def nfe(self) -> int:
@@ -133,11 +139,11 @@ class BespokeSolver:
 
         points.append(SOLVERS[solver](unit, basis[:1], s)[0])
         n = len(points) - 1
-        if n != len(s) - 1 or points[-1][0] != 0:
-            raise ValueError(f"{solver!r} does not take one evaluation a step ending in the Tweedie step")
-        a = [(points[i + 1][0] / points[i][0]).item() for i in range(n - 1)]
-        b = [(points[i + 1][1:i + 2] - a[i] * points[i][1:i + 2]).tolist() for i in range(n - 1)]
-        return cls(s.tolist(), a, [*b, points[n][1:].tolist()], {"start": solver})
+        if n != len(s) - 1:
+            raise ValueError(f"{solver!r} does not take one evaluation a step")
+        a = [(points[i + 1][0] / points[i][0]).item() for i in range(n)]
+        b = [(points[i + 1][1:i + 2] - a[i] * points[i][1:i + 2]).tolist() for i in range(n)]
+        return cls(s.tolist(), a, b, {"start": solver})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,7 +156,7 @@ class BespokeSolver:
 class _Parameters(torch.nn.Module):
     """The trainable form of a solver: step logits (as :func:`~difflab.sampling.optimize.optimized` uses),
     alpha_i = log(a_i / decay_i) and the weights w_ij = b_ij / (1 - decay_i), decay_i = sigma_{i+1} / sigma_i;
-    the last row of w is the last row of b."""
+    the last step (decay 0) has its a and b as they are: ``final`` and the last row of w."""
 
     def __init__(self, start: BespokeSolver, logits: torch.Tensor, sigma_min: float, sigma_max: float):
         super().__init__()
@@ -161,7 +167,8 @@ class _Parameters(torch.nn.Module):
         for i, row in enumerate(start.b):
             w[i, :i + 1] = torch.tensor(row, dtype=torch.float64) / (1 - decay[i] if i < n - 1 else 1)
         self.logits = torch.nn.Parameter(logits.clone())  # those of start.sigmas
-        self.alpha = torch.nn.Parameter((torch.tensor(start.a, dtype=torch.float64) / decay).log())
+        self.alpha = torch.nn.Parameter((torch.tensor(start.a[:-1], dtype=torch.float64) / decay).log())
+        self.final = torch.nn.Parameter(torch.tensor(start.a[-1], dtype=torch.float64))
         self.w = torch.nn.Parameter(w)
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -169,7 +176,7 @@ class _Parameters(torch.nn.Module):
         n = len(sigmas) - 1
         decay = sigmas[1:-1] / sigmas[:-2]
         b = [(1 - decay[i]) * self.w[i, :i + 1] for i in range(n - 1)] + [self.w[n - 1]]
-        return sigmas, decay * self.alpha.exp(), b
+        return sigmas, torch.cat([decay * self.alpha.exp(), self.final[None]]), b
 
     def solver(self, info: dict) -> BespokeSolver:
         with torch.no_grad():
@@ -226,7 +233,8 @@ def fit_bespoke(
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    key = (f"{key_id}|bespoke|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v2": the family with a weight on x in the last step (earlier entries lack it)
+    key = (f"{key_id}|bespoke-v2|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else ""))
     stored = cached(path, key)
     if stored is not None:
@@ -247,7 +255,7 @@ def fit_bespoke(
             starts.append((BespokeSolver.from_solver(name, _sigmas_from_logits(z, sigma_min, sigma_max)), z))
 
         def error(start: BespokeSolver) -> float:
-            if min(start.a, default=1.0) <= 0:  # alpha = log(a / decay) needs a > 0
+            if min(start.a[:-1], default=1.0) <= 0:  # alpha = log(a / decay) needs a > 0
                 return math.inf
             return rmse(start(denoiser, noise * start.sigmas[0], **cond), target)
 
