@@ -54,8 +54,7 @@ def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, thre
         return float("nan")
     # Unconditional (no class input), so a clip's identity can come only from the model's coherence: with labels,
     # the frame-independent baseline would keep the class of a label shared by its frames.
-    image_layers = {"temporal": None, "spacetime_resolutions": [], "clip_context": False}
-    model = {**recipe["model"], "num_classes": 0, **({} if video else image_layers)}
+    model = {**recipe["model"], "num_classes": 0, **({} if video else {"temporal": None})}
     config = {**recipe, "model": model, "data": {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"},
               "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
                         "sample_every": 0, "threads": threads},
@@ -119,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the video model's temporal layers (default: the recipe's)")
     parser.add_argument("--spacetime-resolutions", type=lambda t: [int(v) for v in t.split(",")],
                         help="also space-time attention at these feature-map sizes, e.g. 8 (default: the recipe's)")
-    parser.add_argument("--clip-context", action="store_true",
-                        help="also a summary of the whole clip added to every pixel after each block")
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         recipe["model"] = {**recipe["model"], "temporal": args.temporal}
     if args.spacetime_resolutions:
         recipe["model"] = {**recipe["model"], "spacetime_resolutions": args.spacetime_resolutions}
-    if args.clip_context:
-        recipe["model"] = {**recipe["model"], "clip_context": True}
     if recipe["data"]["dataset"] != DATA:
         raise SystemExit(f"{RECIPE} trains on {recipe['data']['dataset']}; this benchmark measures {DATA}")
     clusters, epochs, sample_steps = 32, 15, recipe["sample"]["steps"]
@@ -148,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"data": DATA, "steps": args.steps, "batch_clips": args.batch, "samples": args.samples,
                "temporal": recipe["model"]["temporal"],
-               "spacetime_resolutions": recipe["model"].get("spacetime_resolutions", []),
-               "clip_context": recipe["model"].get("clip_context", False), "models": {}}
+               "spacetime_resolutions": recipe["model"].get("spacetime_resolutions", []), "models": {}}
     reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[: args.samples]]
     results["real"] = coherence(reference, classifier)
     shown = {}

@@ -47,7 +47,6 @@ CASES = {
     "unet_temporal_conv3d": dict(UNET, temporal="conv3d"),
     "unet_temporal_spacetime": dict(UNET, temporal="spacetime"),
     "unet_temporal_and_spacetime_at_4": dict(UNET, temporal="attention", spacetime_resolutions=(4,)),
-    "unet_clip_context": dict(UNET, clip_context=True),
     "dit_sincos": dict(DIT),
     "dit_rope": dict(DIT, pos_embed="rope"),
     "dit_factorised": dict(DIT, video_attention="factorised", frame_patch=2),
@@ -81,12 +80,11 @@ def test_video_shapes(name, frames):
 
 
 def test_unet_video_form_is_the_image_model_per_frame_at_start():
-    """Temporal layers and the clip context start as the identity, so the video U-Net is the image U-Net on every
-    frame."""
-    network = randomize(build_network(dict(UNET, temporal="attention", clip_context=True, num_classes=5)),
-                        skip=("attn.out", "conv.", "out.1."))  # keep temporal and context outputs (and conv2) zero
+    """Temporal layers start as the identity, so the video U-Net is the image U-Net on every frame."""
+    network = randomize(build_network(dict(UNET, temporal="attention", num_classes=5)),
+                        skip=("attn.out", "conv."))  # keep temporal outputs (and conv2) zero
     for layer in network.modules():
-        if type(layer).__name__ in ("TemporalLayer", "ClipContext"):
+        if type(layer).__name__ == "TemporalLayer":
             assert all(torch.count_nonzero(p) == 0 for n, p in layer.named_parameters() if "out" in n)
     x, c_noise, _ = inputs(frames=3, cond=False)
     labels = torch.tensor([2, 4])
@@ -125,26 +123,6 @@ def test_what_a_temporal_layer_carries_from_one_frame_to_another(kind, reaches):
     assert (neighbour > 0.3 * same) == (reaches != "same")
     assert (far > 0.3 * same) == (reaches == "all")
     assert delta[frames:].max() == 0  # never another clip
-
-
-def test_clip_context_carries_what_a_clip_shares_wherever_it_is_in_the_frames():
-    """A change in frame 0 reaches every pixel of the other frames alike, never another clip; and moving a frame's
-    content (a circular shift) leaves what the other frames receive unchanged."""
-    from difflab.models.unet import ClipContext, Context
-
-    layer = randomize(ClipContext(8, groups=4))
-    frames, ctx = 3, Context(None, None, None, 3)
-    x = torch.randn(2 * frames, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-    changed = x.clone()
-    changed[0, :, 0, 0] += 1  # clip 0, frame 0, pixel (0, 0)
-    delta = layer(changed, ctx) - layer(x, ctx)
-    assert delta[1:frames].abs().max() > 1e-4
-    torch.testing.assert_close(delta[1:frames], delta[1:frames, :, :1, :1].expand_as(delta[1:frames]))
-    assert delta[frames:].abs().max() == 0  # never another clip
-    moved = x.clone()
-    moved[0] = x[0].roll((3, 2), dims=(1, 2))  # frame 0's content elsewhere
-    torch.testing.assert_close(layer(moved, ctx)[1:], layer(x, ctx)[1:])
-    assert torch.equal(layer(x, Context(None, None, None, 1)), x)  # images pass through
 
 
 def test_spacetime_layers_only_at_the_sizes_asked():

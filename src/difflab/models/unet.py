@@ -55,7 +55,6 @@ class UNetConfig:
     control_downsample: int = 1  # control pictures are this many times larger than x (a latent model's factor)
     temporal: str | None = None  # video form after each block: "attention", "conv", "conv3d" or "spacetime"
     spacetime_resolutions: tuple[int, ...] = ()  # video: also space-time attention after the blocks at these sizes
-    clip_context: bool = False  # video: after each block, add a summary of the whole clip to every pixel
     frames: int | None = None  # clip length for model-info; any length runs
     checkpointing: bool = False
     channels_last: bool = True  # NHWC convolutions: faster with oneDNN on CPUs and with tensor cores on GPUs
@@ -159,26 +158,6 @@ class TemporalLayer(nn.Module):
         return x + h.permute(0, 3, 4, 1, 2).reshape(bt, channels, height, width)
 
 
-class ClipContext(nn.Module):
-    """Adds one summary of the whole clip to every pixel of every frame; zero-initialised, so it starts as the
-    identity. The summary is the clip's features pooled over frames and pixels (a global context block, Cao et
-    al. 2019, "GCNet", over space and time): it does not depend on where in a frame an object is, so it can carry
-    what a clip's frames share however far the object moves, such as a digit's identity."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = group_norm(channels, groups)
-        self.features = nn.Conv2d(channels, channels, 1)
-        self.out = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(channels, channels)))
-
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        if ctx.frames == 1:
-            return x
-        pooled = F.silu(self.features(self.norm(x))).mean((-2, -1))  # (B*T, C)
-        summary = self.out(pooled.unflatten(0, (-1, ctx.frames)).mean(1))  # (B, C)
-        return x + summary.repeat_interleave(ctx.frames, 0)[:, :, None, None].to(x.dtype)
-
-
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -228,8 +207,6 @@ class UNet(nn.Module):
                 layers.append(TemporalLayer(out_ch, c.temporal, c.head_dim, c.norm_groups))
             if res in c.spacetime_resolutions:
                 layers.append(TemporalLayer(out_ch, "spacetime", c.head_dim, c.norm_groups))
-            if c.clip_context:
-                layers.append(ClipContext(out_ch, c.norm_groups))
             return Unit(*layers)
 
         self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, widths[0], 3, padding=1)
@@ -277,10 +254,10 @@ class UNet(nn.Module):
         c = self.config
         x = _network_input(x, concat, c.concat_channels)
         video = x.ndim == 5
-        temporal = c.temporal or c.spacetime_resolutions or c.clip_context
+        temporal = c.temporal or c.spacetime_resolutions
         if video and not temporal and x.shape[2] > 1:  # one-frame clips are images (a frame-independent model)
             raise ValueError(f"got a video batch (B, C, T, H, W) of {x.shape[2]} frames but this U-Net has no temporal "
-                             "layers (temporal: null, no spacetime_resolutions, clip_context: false)")
+                             "layers (temporal: null, no spacetime_resolutions)")
         frames = x.shape[2] if video else 1
         x = _frames_as_images(x, c.channels_last)
         conditioning = (c_noise, class_labels, text, text_mask, guidance_scale)
