@@ -54,7 +54,8 @@ def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, thre
         return float("nan")
     # Unconditional (no class input), so a clip's identity can come only from the model's coherence: with labels,
     # the frame-independent baseline would keep the class of a label shared by its frames.
-    model = {**recipe["model"], "num_classes": 0, **({} if video else {"temporal": None})}
+    image_layers = {"temporal": None, "spacetime_resolutions": []}
+    model = {**recipe["model"], "num_classes": 0, **({} if video else image_layers)}
     config = {**recipe, "model": model, "data": {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"},
               "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
                         "sample_every": 0, "threads": threads},
