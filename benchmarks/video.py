@@ -47,9 +47,10 @@ FRAMES, SIZE = 8, 16
 DATA = f"moving-digits:frames={FRAMES},size={SIZE}"
 
 
-def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, threads: int, sample_steps: int) -> float:
+def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, threads: int, sample_steps: int,
+          init: Path | None = None) -> float:
     """Train the recipe (the baseline: without temporal layers, on single frames) or reuse a finished run in
-    ``run_dir``; the training minutes."""
+    ``run_dir``; the training minutes. ``init``: a run to start from (``train.init``)."""
     if (run_dir / "checkpoints").is_dir():
         return float("nan")
     # Unconditional (no class input), so a clip's identity can come only from the model's coherence: with labels,
@@ -58,7 +59,7 @@ def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, thre
     model = {**recipe["model"], "num_classes": 0, **({} if video else image_layers)}
     config = {**recipe, "model": model, "data": {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"},
               "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
-                        "sample_every": 0, "threads": threads},
+                        "sample_every": 0, "threads": threads, "init": init and str(init)},
               "sample": {**recipe["sample"], "steps": sample_steps}}
     start = time.perf_counter()
     Trainer(resolve(config), run_dir, progress=True).fit()
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the video model's temporal layers (default: the recipe's)")
     parser.add_argument("--spacetime-resolutions", type=lambda t: [int(v) for v in t.split(",")],
                         help="also space-time attention at these feature-map sizes, e.g. 8 (default: the recipe's)")
+    parser.add_argument("--from-image", action="store_true",
+                        help="start the video model from the trained frame-independent model (train.init)")
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -144,18 +147,21 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"data": DATA, "steps": args.steps, "batch_clips": args.batch, "samples": args.samples,
                "temporal": recipe["model"]["temporal"],
-               "spacetime_resolutions": recipe["model"].get("spacetime_resolutions", []), "models": {}}
+               "spacetime_resolutions": recipe["model"].get("spacetime_resolutions", []),
+               "video_from_image": args.from_image, "models": {}}
     reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[: args.samples]]
     results["real"] = coherence(reference, classifier)
-    shown = {}
+    shown, minutes, baseline = {}, {}, args.work / "frame-independent"
+    minutes["frame-independent"] = train(baseline, recipe, False, args.batch * FRAMES, args.steps, args.threads,
+                                         sample_steps)  # first: --from-image starts the video model from it
+    minutes["video"] = train(args.work / "video", recipe, True, args.batch, args.steps, args.threads, sample_steps,
+                             baseline if args.from_image else None)
     for name, video in (("video", True), ("frame-independent", False)):
         run_dir = args.work / name
-        minutes = train(run_dir, recipe, video, args.batch if video else args.batch * FRAMES, args.steps, args.threads,
-                        sample_steps)
         clips, speed = clips_of(run_dir, args.samples, video)
         frames = clips.transpose(1, 2).flatten(0, 1)
         row = {**coherence(clips, classifier), "frame_fd": frechet_distance(frame_features(frames), real_features),
-               "clips_per_second": speed, "train_minutes": minutes}
+               "clips_per_second": speed, "train_minutes": minutes[name]}
         results["models"][name] = row
         shown[name] = clips[:6]
         print(f"{name}: {json.dumps(row)}", flush=True)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -233,9 +234,11 @@ def video_module(monkeypatch):
 def test_video_benchmark_smoke(video_module, tmp_path, capsys):
     out, figure = tmp_path / "video.json", tmp_path / "video.png"
     assert video_module.main(["--quick", "--work", str(tmp_path / "runs"), "--json", str(out),
-                              "--figure", str(figure)]) == 0
+                              "--figure", str(figure), "--from-image"]) == 0
     result = json.loads(out.read_text())
     assert result["real"]["identity_kept"] > 0.9  # the measure reads real clips right
+    video_config = yaml.safe_load((tmp_path / "runs" / "video" / "config.yaml").read_text())
+    assert result["video_from_image"] and video_config["train"]["init"] == str(tmp_path / "runs" / "frame-independent")
     assert set(result["models"]) == {"video", "frame-independent"}
     assert all(0 <= row["identity_kept"] <= 1 and row["clips_per_second"] > 0 for row in result["models"].values())
     assert figure.is_file() and figure.with_suffix(".gif").is_file()

@@ -152,3 +152,28 @@ def test_latent_video_through_every_stage(tmp_path):
     assert main(["export", str(tmp_path / "gen"), "--out", str(exact), "--full-precision"]) == 0
     torch.testing.assert_close(draw(load_run(exact), 2)[0], draw(run, 2)[0])
     assert main(["export", str(tmp_path / "gen"), "--out", str(exact)]) == 2  # not over an existing export
+
+
+def test_a_video_run_starts_from_an_image_run(tmp_path):
+    """train.init: the image run's weights, the temporal layers new (zero), so the video model starts as the image
+    model on every frame; a model of other shapes, or a student or fine-tune, is refused with one line."""
+    from difflab.config import ConfigError
+
+    image = {**TINY_VIDEO, "model": {**TINY_VIDEO["model"], "temporal": None},
+             "data": {"dataset": f"moving-digits:frames=1,size={SIZE}"}, "train": {**TINY_VIDEO["train"], "steps": 2}}
+    Trainer(resolve(image), tmp_path / "image", progress=False).fit()
+    base = load_run(tmp_path / "image").network
+    video = Trainer(resolve(TINY_VIDEO, [f"train.init={tmp_path / 'image'}"]), tmp_path / "video", progress=False)
+    clips, c_noise = torch.randn(2, 1, FRAMES, SIZE, SIZE), torch.tensor([0.1, 0.7])
+    with torch.no_grad():
+        out = video.network(clips, c_noise)
+        assert out.abs().max() > 0  # the trained image weights, not a fresh zero-output start
+        for t in range(FRAMES):
+            torch.testing.assert_close(out[:, :, t], base(clips[:, :, t], c_noise))
+    with pytest.raises(ConfigError, match="train.init: the model differs from the run"):
+        Trainer(resolve(TINY_VIDEO, [f"train.init={tmp_path / 'image'}", "model.channels=8", "model.head_dim=8"]),
+                tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()  # nothing written for a run that fails to set up
+    with pytest.raises(ConfigError, match="train.init cannot be combined with distill or control"):
+        Trainer(resolve(TINY_VIDEO, [f"train.init={tmp_path / 'image'}", "control.method=lora",
+                                     f"control.base={tmp_path / 'image'}"]), tmp_path / "lora", progress=False)

@@ -18,15 +18,12 @@ from difflab.config import ConfigError
 from difflab.control.lora import LORA_KEY, add_lora
 from difflab.control.pictures import CONTROL_PICTURES
 from difflab.data import Batch
-from difflab.training.objectives import DiffusionObjective, Share, start_from
+from difflab.training.objectives import DiffusionObjective, Share, start_from_run
 
 
 def load_base(network: nn.Module, base: str, allowed_missing: tuple[str, ...], widen_inputs: bool = False) -> None:
     """Start ``network`` from a base run's sampling weights (see :func:`~difflab.training.objectives.start_from`)."""
-    from difflab.training.run import load_run
-
-    state = load_run(base, device=next(network.parameters()).device).network.state_dict()
-    start_from(network, state, f"the model differs from the base run {base}", allowed_missing, widen_inputs)
+    start_from_run(network, base, f"the model differs from the base run {base}", allowed_missing, widen_inputs)
 
 
 class ControlNetObjective(DiffusionObjective):

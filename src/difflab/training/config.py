@@ -104,6 +104,9 @@ class TrainConfig:
     batch: int = 128  # global batch, split over processes and accumulation rounds
     accumulation: int = 1
     seed: int = 0
+    # Start from this run's sampling weights; layers it lacks (a video model's temporal layers on an image run) keep
+    # their own start, which is zero for temporal layers, so the new model begins as the run's model.
+    init: str | None = None
     # bfloat16: autocast, and under fsdp/hsdp the weights are gathered in bf16 (the fp32 master copy stays sharded)
     precision: str = "float32"
     ema_decays: tuple[float, ...] = (0.999,)

@@ -8,6 +8,8 @@ trainer's generator and sliced, so the run is the same on any number of processe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -50,6 +52,15 @@ def start_from(network: nn.Module, state: dict, mismatch: str, allowed_missing: 
     new = [k for k in missing if not k.startswith(allowed_missing)]
     if new or unexpected:
         raise ConfigError(f"{mismatch}: {', '.join((new + unexpected)[:4])} ...")
+
+
+def start_from_run(network: nn.Module, run_dir: str | Path, mismatch: str, allowed_missing: tuple[str, ...],
+                   widen_inputs: bool = False) -> None:
+    """Start ``network`` from the sampling weights of the run in ``run_dir`` (see :func:`start_from`)."""
+    from difflab.training.run import load_run
+
+    state = load_run(run_dir, device=next(network.parameters()).device).network.state_dict()
+    start_from(network, state, mismatch, allowed_missing, widen_inputs)
 
 
 def training_captions(config, progress: bool = False) -> CaptionBank:
