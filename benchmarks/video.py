@@ -18,7 +18,9 @@ Measured on ``--samples`` clips of each (and on as many real clips, the referenc
 - **trajectory smoothness**: the mean absolute second difference (pixels per frame squared) of the centre of
   mass along the clip: 0 for straight motion; real clips are not 0 only at bounces;
 - **per-frame Fréchet distance** of the frames to real frames (features: the classifier of k-means clusters of
-  real frames, ``difflab.evaluation.cluster_features``), and **clips per second** at 18 Heun steps.
+  real frames, ``difflab.evaluation.cluster_features``), and **clips per second** at 18 Heun steps;
+- **denoising error** of both models on 128 real clips by noise level, beside the frame-independent model's at
+  sigma / sqrt(8): how much of what 8 frames of one digit could tell the denoiser the video model uses.
 
     .venv/bin/python benchmarks/video.py --json out/bench/video.json --figure docs/figures/video_samples.png
     .venv/bin/python benchmarks/video.py --quick
@@ -45,6 +47,7 @@ from difflab.training.run import draw, load_run
 RECIPE = Path(__file__).parents[1] / "configs" / "moving-digits.yaml"  # the video model; its data fix FRAMES, SIZE
 FRAMES, SIZE = 8, 16
 DATA = f"moving-digits:frames={FRAMES},size={SIZE}"
+SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0)  # noise levels of the denoising-error table
 
 
 def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, threads: int, sample_steps: int,
@@ -105,6 +108,24 @@ def clips_of(run_dir: Path, n: int, video: bool, seed: int = 0) -> tuple[torch.T
         frames, _ = draw(run, n * FRAMES, seed=seed)  # (n T, 1, 1, H, W): one-frame clips
         clips = frames.view(n, FRAMES, 1, SIZE, SIZE).transpose(1, 2)
     return clips, n / (time.perf_counter() - start)
+
+
+def denoising_errors(run_dir: Path, clips: torch.Tensor, video: bool, scale: float = 1.0) -> dict[str, float]:
+    """The denoiser's mean squared error on real ``clips`` with noise of each of SIGMAS x ``scale`` (the
+    frame-independent model: frame by frame)."""
+    model = load_run(run_dir).model
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(3))
+    errors = {}
+    with torch.no_grad():
+        for sigma in SIGMAS:
+            noisy = clips + sigma * scale * noise
+            if not video:  # one-frame clips
+                noisy = noisy.transpose(1, 2).reshape(-1, clips.shape[1], 1, *clips.shape[-2:])
+            out = model(noisy, torch.full((len(noisy),), sigma * scale))
+            if not video:
+                out = out.view(len(clips), -1, *out.shape[1:2], *out.shape[-2:]).transpose(1, 2)
+            errors[f"{sigma:g}"] = (out - clips).square().mean().item()
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,12 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     floor = real.transpose(1, 2).flatten(0, 1)
     other = torch.randperm(len(floor), generator=torch.Generator().manual_seed(2))[: args.samples * FRAMES]
     results["frame_fd_floor"] = frechet_distance(frame_features(floor[other]), real_features)
+    probe = real[:128]  # at which noise levels the other frames of a clip help the denoiser
+    results["denoising_error"] = {
+        "video": denoising_errors(args.work / "video", probe, True),
+        "frame-independent": denoising_errors(baseline, probe, False),
+        # A frame seen T times with independent noise carries the noise of one frame at sigma / sqrt(T): about what
+        # a denoiser that pooled a clip's T frames, perfectly aligned, could reach.
+        "frame-independent at sigma/sqrt(T)": denoising_errors(baseline, probe, False, FRAMES ** -0.5),
+    }
 
     print(f"\n{'':>18} | identity kept | acceleration (px/frame^2) | frame FD | clips/s")
     for name, row in [("real clips", results["real"]), *results["models"].items()]:
         fd = f"{row['frame_fd']:8.2f}" if "frame_fd" in row else f"{results['frame_fd_floor']:8.2f}"
         speed = f"{row['clips_per_second']:7.1f}" if "clips_per_second" in row else " " * 7
         print(f"{name:>18} | {row['identity_kept']:13.1%} | {row['acceleration_px']:25.2f} | {fd} | {speed}")
+    print(f"\ndenoising error (MSE) on {len(probe)} real clips at sigma =")
+    print(f"{'':>34} | " + " | ".join(f"{sigma:>7g}" for sigma in SIGMAS))
+    for name, errors in results["denoising_error"].items():
+        print(f"{name:>34} | " + " | ".join(f"{error:7.4f}" for error in errors.values()))
     if args.figure:
         panel = torch.cat([reference[:6], shown["video"], shown["frame-independent"]])
         save_image_grid(panel, args.figure)

@@ -241,6 +241,9 @@ def test_video_benchmark_smoke(video_module, tmp_path, capsys):
     assert result["video_from_image"] and video_config["train"]["init"] == str(tmp_path / "runs" / "frame-independent")
     assert set(result["models"]) == {"video", "frame-independent"}
     assert all(0 <= row["identity_kept"] <= 1 and row["clips_per_second"] > 0 for row in result["models"].values())
+    errors = result["denoising_error"]
+    assert set(errors) == {"video", "frame-independent", "frame-independent at sigma/sqrt(T)"}
+    assert errors["frame-independent at sigma/sqrt(T)"]["1"] < errors["frame-independent"]["1"]  # less noise
     assert figure.is_file() and figure.with_suffix(".gif").is_file()
     assert "identity kept" in capsys.readouterr().out
 
