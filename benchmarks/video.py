@@ -110,10 +110,9 @@ def clips_of(run_dir: Path, n: int, video: bool, seed: int = 0) -> tuple[torch.T
     return clips, n / (time.perf_counter() - start)
 
 
-def denoising_errors(run_dir: Path, clips: torch.Tensor, video: bool, scale: float = 1.0) -> dict[str, float]:
-    """The denoiser's mean squared error on real ``clips`` with noise of each of SIGMAS x ``scale`` (the
+def denoising_errors(denoiser, clips: torch.Tensor, video: bool, scale: float = 1.0) -> dict[str, float]:
+    """A run's denoiser's mean squared error on real ``clips`` with noise of each of SIGMAS x ``scale`` (the
     frame-independent model: frame by frame)."""
-    model = load_run(run_dir).model
     noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(3))
     errors = {}
     with torch.no_grad():
@@ -121,7 +120,7 @@ def denoising_errors(run_dir: Path, clips: torch.Tensor, video: bool, scale: flo
             noisy = clips + sigma * scale * noise
             if not video:  # one-frame clips
                 noisy = noisy.transpose(1, 2).reshape(-1, clips.shape[1], 1, *clips.shape[-2:])
-            out = model(noisy, torch.full((len(noisy),), sigma * scale))
+            out = denoiser(noisy, torch.full((len(noisy),), sigma * scale))
             if not video:
                 out = out.view(len(clips), -1, *out.shape[1:2], *out.shape[-2:]).transpose(1, 2)
             errors[f"{sigma:g}"] = (out - clips).square().mean().item()
@@ -190,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     other = torch.randperm(len(floor), generator=torch.Generator().manual_seed(2))[: args.samples * FRAMES]
     results["frame_fd_floor"] = frechet_distance(frame_features(floor[other]), real_features)
     probe = real[:128]  # at which noise levels the other frames of a clip help the denoiser
+    image_denoiser = load_run(baseline).model
     results["denoising_error"] = {
-        "video": denoising_errors(args.work / "video", probe, True),
-        "frame-independent": denoising_errors(baseline, probe, False),
+        "video": denoising_errors(load_run(args.work / "video").model, probe, True),
+        "frame-independent": denoising_errors(image_denoiser, probe, False),
         # A frame seen T times with independent noise carries the noise of one frame at sigma / sqrt(T): about what
         # a denoiser that pooled a clip's T frames, perfectly aligned, could reach.
-        "frame-independent at sigma/sqrt(T)": denoising_errors(baseline, probe, False, FRAMES ** -0.5),
+        "frame-independent at sigma/sqrt(T)": denoising_errors(image_denoiser, probe, False, FRAMES ** -0.5),
     }
 
     print(f"\n{'':>18} | identity kept | acceleration (px/frame^2) | frame FD | clips/s")
