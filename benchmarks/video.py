@@ -1,7 +1,8 @@
 """Video on moving digits: temporal coherence of a space-time U-Net against frame-independent sampling.
 
-Both models are ``configs/moving-digits.yaml``'s U-Net trained for the same number of steps on the same frames
-(``moving-digits``: 1,797 real digits bouncing on a 16x16 canvas, 8 frames):
+Both models are ``configs/moving-digits.yaml``'s U-Net trained for the same number of steps (or, with
+``--minutes``, for the same time) on the same frames (``moving-digits``: 1,797 real digits bouncing on a 16x16
+canvas, 8 frames):
 
 Both are unconditional (``model.num_classes: 0``): with a class label shared by a clip's frames, the baseline
 would keep the identity too.
@@ -24,14 +25,18 @@ Measured on ``--samples`` clips of each (and on as many real clips, the referenc
 
     .venv/bin/python benchmarks/video.py --json out/bench/video.json --figure docs/figures/video_samples.png
     .venv/bin/python benchmarks/video.py --quick
+    python benchmarks/video.py --temporal spacetime --device cuda --parallel --minutes 4 --batch 32  # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,31 +47,50 @@ from difflab.evaluation import FeatureExtractor, cluster_features, feature_netwo
 from difflab.evaluation.plots import save_image_grid, save_video
 from difflab.models.unet import TEMPORAL_KINDS
 from difflab.training import Trainer, resolve
+from difflab.training import checkpoint as ckpt
 from difflab.training.run import draw, load_run
 
 RECIPE = Path(__file__).parents[1] / "configs" / "moving-digits.yaml"  # the video model; its data fix FRAMES, SIZE
 FRAMES, SIZE = 8, 16
 DATA = f"moving-digits:frames={FRAMES},size={SIZE}"
 SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0)  # noise levels of the denoising-error table
+PROBE_MINUTES = 0.5  # --minutes: the probe that measures a model's training speed
 
 
 def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, threads: int, sample_steps: int,
-          init: Path | None = None) -> float:
+          init: Path | None = None, minutes: float | None = None) -> dict:
     """Train the recipe (the baseline: without temporal layers, on single frames) or reuse a finished run in
-    ``run_dir``; the training minutes. ``init``: a run to start from (``train.init``)."""
+    ``run_dir``; its steps and training minutes. ``init``: a run to start from (``train.init``). ``minutes``: train
+    for about this long instead of ``steps``: a short probe measures the steps per minute, so the learning-rate
+    schedule still runs to its end."""
     if (run_dir / "checkpoints").is_dir():
-        return float("nan")
+        return {"steps": trained_steps(run_dir), "train_minutes": float("nan")}
     # Unconditional (no class input), so a clip's identity can come only from the model's coherence: with labels,
     # the frame-independent baseline would keep the class of a label shared by its frames.
     image_layers = {"temporal": None, "spacetime_resolutions": []}
     model = {**recipe["model"], "num_classes": 0, **({} if video else image_layers)}
-    config = {**recipe, "model": model, "data": {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"},
-              "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
-                        "sample_every": 0, "threads": threads, "init": init and str(init)},
-              "sample": {**recipe["sample"], "steps": sample_steps}}
+
+    def config(steps: int, max_minutes: float | None = None) -> dict:
+        data = {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"}
+        return {**recipe, "model": model, "data": data,
+                "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
+                          "sample_every": 0, "threads": threads, "init": init and str(init),
+                          "max_minutes": max_minutes},
+                "sample": {**recipe["sample"], "steps": sample_steps}}
+
+    if minutes is not None:
+        probe_dir = run_dir.with_name(run_dir.name + "-probe")
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        probe = Trainer(resolve(config(10**9, PROBE_MINUTES)), probe_dir).fit()
+        shutil.rmtree(probe_dir)
+        steps = max(1, int(probe["step"] / probe["minutes"] * minutes))
     start = time.perf_counter()
-    Trainer(resolve(config), run_dir, progress=True).fit()
-    return (time.perf_counter() - start) / 60
+    Trainer(resolve(config(steps)), run_dir, progress=True).fit()
+    return {"steps": steps, "train_minutes": (time.perf_counter() - start) / 60}
+
+
+def trained_steps(run_dir: Path) -> int:
+    return int(ckpt.latest_checkpoint(run_dir / "checkpoints").name.removeprefix("step-"))
 
 
 def centres(clips: torch.Tensor) -> torch.Tensor:
@@ -98,15 +122,16 @@ def coherence(clips: torch.Tensor, classifier: FeatureExtractor) -> dict:
             "acceleration_px": acceleration.mean().item()}
 
 
-def clips_of(run_dir: Path, n: int, video: bool, seed: int = 0) -> tuple[torch.Tensor, float]:
+def clips_of(run_dir: Path, n: int, video: bool, device: str, seed: int = 0) -> tuple[torch.Tensor, float]:
     """n clips (N, 1, T, H, W) and the clips per second: the video model's, or T independent frames each."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     start = time.perf_counter()
     if video:
         clips, _ = draw(run, n, seed=seed)
     else:
         frames, _ = draw(run, n * FRAMES, seed=seed)  # (n T, 1, 1, H, W): one-frame clips
         clips = frames.view(n, FRAMES, 1, SIZE, SIZE).transpose(1, 2)
+    clips = clips.cpu()  # waits for the device
     return clips, n / (time.perf_counter() - start)
 
 
@@ -114,13 +139,15 @@ def denoising_errors(denoiser, clips: torch.Tensor, video: bool, scale: float = 
     """A run's denoiser's mean squared error on real ``clips`` with noise of each of SIGMAS x ``scale`` (the
     frame-independent model: frame by frame)."""
     noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(3))
+    device = next(denoiser.parameters()).device
+    clips, noise = clips.to(device), noise.to(device)
     errors = {}
     with torch.no_grad():
         for sigma in SIGMAS:
             noisy = clips + sigma * scale * noise
             if not video:  # one-frame clips
                 noisy = noisy.transpose(1, 2).reshape(-1, clips.shape[1], 1, *clips.shape[-2:])
-            out = denoiser(noisy, torch.full((len(noisy),), sigma * scale))
+            out = denoiser(noisy, torch.full((len(noisy),), sigma * scale, device=device))
             if not video:
                 out = out.view(len(clips), -1, *out.shape[1:2], *out.shape[-2:]).transpose(1, 2)
             errors[f"{sigma:g}"] = (out - clips).square().mean().item()
@@ -131,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("out/bench/video"), help="run directories here")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of each model (the recipe's: 1500)")
+    parser.add_argument("--minutes", type=float,
+                        help="instead of --steps: train each model for about this long (its steps from a probe)")
     parser.add_argument("--batch", type=int, default=8, help="clips per video step (the baseline: x 8 frames)")
     parser.add_argument("--samples", type=int, default=200, help="clips sampled from each model")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="sample and evaluate here, e.g. cuda (training takes the "
+                        "GPU whenever there is one)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--figure", type=Path, help="frames of 6 clips of each model (PNG; a GIF beside it)")
     parser.add_argument("--temporal", choices=[kind for kind in TEMPORAL_KINDS if kind],
@@ -142,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="also space-time attention at these feature-map sizes, e.g. 8 (default: the recipe's)")
     parser.add_argument("--from-image", action="store_true",
                         help="start the video model from the trained frame-independent model (train.init)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train both models at once (a GPU that one small model leaves mostly idle)")
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
     args = parser.parse_args(argv)
+    if args.parallel and args.from_image:
+        parser.error("--from-image trains the video model after the baseline; it cannot be --parallel")
+    for name in ("steps", "batch", "samples", "threads", "minutes"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     recipe = load_yaml(RECIPE)
     if args.temporal:
@@ -165,23 +203,29 @@ def main(argv: list[str] | None = None) -> int:
     frame_features = cluster_features(real_frames[pick], clusters, epochs)
     real_features = frame_features(real_frames[pick])
 
-    results = {"data": DATA, "steps": args.steps, "batch_clips": args.batch, "samples": args.samples,
+    results = {"data": DATA, "batch_clips": args.batch, "samples": args.samples, "device": args.device,
                "temporal": recipe["model"]["temporal"],
                "spacetime_resolutions": recipe["model"].get("spacetime_resolutions", []),
                "video_from_image": args.from_image, "models": {}}
     reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[: args.samples]]
     results["real"] = coherence(reference, classifier)
-    shown, minutes, baseline = {}, {}, args.work / "frame-independent"
-    minutes["frame-independent"] = train(baseline, recipe, False, args.batch * FRAMES, args.steps, args.threads,
-                                         sample_steps)  # first: --from-image starts the video model from it
-    minutes["video"] = train(args.work / "video", recipe, True, args.batch, args.steps, args.threads, sample_steps,
-                             baseline if args.from_image else None)
+    shown, baseline = {}, args.work / "frame-independent"
+    jobs = {"frame-independent": (baseline, recipe, False, args.batch * FRAMES, args.steps, args.threads, sample_steps,
+                                  None, args.minutes),
+            "video": (args.work / "video", recipe, True, args.batch, args.steps, args.threads, sample_steps,
+                      baseline if args.from_image else None, args.minutes)}
+    if args.parallel:
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {name: pool.submit(train, *job) for name, job in jobs.items()}
+            training = {name: future.result() for name, future in futures.items()}
+    else:  # the baseline first: --from-image starts the video model from it
+        training = {name: train(*job) for name, job in jobs.items()}
     for name, video in (("video", True), ("frame-independent", False)):
         run_dir = args.work / name
-        clips, speed = clips_of(run_dir, args.samples, video)
+        clips, speed = clips_of(run_dir, args.samples, video, args.device)
         frames = clips.transpose(1, 2).flatten(0, 1)
         row = {**coherence(clips, classifier), "frame_fd": frechet_distance(frame_features(frames), real_features),
-               "clips_per_second": speed, "train_minutes": minutes[name]}
+               "clips_per_second": speed, **training[name]}
         results["models"][name] = row
         shown[name] = clips[:6]
         print(f"{name}: {json.dumps(row)}", flush=True)
@@ -189,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     other = torch.randperm(len(floor), generator=torch.Generator().manual_seed(2))[: args.samples * FRAMES]
     results["frame_fd_floor"] = frechet_distance(frame_features(floor[other]), real_features)
     probe = real[:128]  # at which noise levels the other frames of a clip help the denoiser
-    image_denoiser = load_run(baseline).model
+    image_denoiser = load_run(baseline, device=args.device).model
     results["denoising_error"] = {
-        "video": denoising_errors(load_run(args.work / "video").model, probe, True),
+        "video": denoising_errors(load_run(args.work / "video", device=args.device).model, probe, True),
         "frame-independent": denoising_errors(image_denoiser, probe, False),
         # A frame seen T times with independent noise carries the noise of one frame at sigma / sqrt(T): about what
         # a denoiser that pooled a clip's T frames, perfectly aligned, could reach.

@@ -248,6 +248,27 @@ def test_video_benchmark_smoke(video_module, tmp_path, capsys):
     assert "identity kept" in capsys.readouterr().out
 
 
+def test_video_benchmark_trains_for_minutes_and_in_parallel(video_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(video_module, "PROBE_MINUTES", 0.01)
+    out = tmp_path / "video.json"
+    assert video_module.main(["--quick", "--minutes", "0.02", "--work", str(tmp_path / "timed"),
+                              "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["models"]
+    for name, row in rows.items():  # the steps a probe chose, as trained, and the probe is gone
+        assert row["steps"] == video_module.trained_steps(tmp_path / "timed" / name) > 0
+        assert not (tmp_path / "timed" / f"{name}-probe").exists()
+    assert video_module.main(["--quick", "--parallel", "--work", str(tmp_path / "parallel"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["models"]
+    assert [row["steps"] for row in rows.values()] == [3, 3]  # both trained, in two processes
+
+
+@pytest.mark.parametrize("flags", [["--minutes", "0"], ["--samples", "-1"], ["--parallel", "--from-image"]])
+def test_video_benchmark_refuses_bad_flags(video_module, flags, capsys):
+    with pytest.raises(SystemExit):
+        video_module.main(flags)
+    assert "error:" in capsys.readouterr().err
+
+
 @pytest.fixture
 def scaling_module(monkeypatch):
     yield from _benchmark(monkeypatch, "scaling")
