@@ -12,6 +12,9 @@ would keep the identity too.
 - **frame-independent baseline**: the image U-Net (no temporal layers) on single frames, ``--batch`` x 8 frames a
   step so it sees as many frames; a clip is 8 of its samples with independent noise.
 
+``--joint SHARE`` trains the video model on clips and single frames together (``data.images``), ``--from-image``
+starts it from the trained baseline (``train.init``).
+
 Measured on ``--samples`` clips of each (and on as many real clips, the reference):
 
 - **identity kept**: each frame's digit is read by difflab's digit classifier on an 8x8 crop around the frame's
@@ -53,16 +56,17 @@ from difflab.training.run import draw, load_run
 RECIPE = Path(__file__).parents[1] / "configs" / "moving-digits.yaml"  # the video model; its data fix FRAMES, SIZE
 FRAMES, SIZE = 8, 16
 DATA = f"moving-digits:frames={FRAMES},size={SIZE}"
+FRAME_DATA = f"moving-digits:frames=1,size={SIZE}"  # the same digits' frames: the baseline's data
 SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0)  # noise levels of the denoising-error table
 PROBE_MINUTES = 0.5  # --minutes: the probe that measures a model's training speed
 
 
 def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, threads: int, sample_steps: int,
-          init: Path | None = None, minutes: float | None = None) -> dict:
+          init: Path | None = None, minutes: float | None = None, image_share: float | None = None) -> dict:
     """Train the recipe (the baseline: without temporal layers, on single frames) or reuse a finished run in
     ``run_dir``; its steps and training minutes. ``init``: a run to start from (``train.init``). ``minutes``: train
     for about this long instead of ``steps``: a short probe measures the steps per minute, so the learning-rate
-    schedule still runs to its end."""
+    schedule still runs to its end. ``image_share``: joint training, this share of the steps on single frames."""
     if (run_dir / "checkpoints").is_dir():
         return {"steps": trained_steps(run_dir), "train_minutes": float("nan")}
     # Unconditional (no class input), so a clip's identity can come only from the model's coherence: with labels,
@@ -71,7 +75,9 @@ def train(run_dir: Path, recipe: dict, video: bool, batch: int, steps: int, thre
     model = {**recipe["model"], "num_classes": 0, **({} if video else image_layers)}
 
     def config(steps: int, max_minutes: float | None = None) -> dict:
-        data = {"dataset": DATA if video else f"moving-digits:frames=1,size={SIZE}"}
+        data = {"dataset": DATA if video else FRAME_DATA}
+        if image_share:
+            data.update(images=FRAME_DATA, image_share=image_share)
         return {**recipe, "model": model, "data": data,
                 "train": {**recipe["train"], "steps": steps, "batch": batch, "checkpoint_every": steps,
                           "sample_every": 0, "threads": threads, "init": init and str(init),
@@ -173,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also space-time attention at these feature-map sizes, e.g. 8 (default: the recipe's)")
     parser.add_argument("--from-image", action="store_true",
                         help="start the video model from the trained frame-independent model (train.init)")
+    parser.add_argument("--joint", type=float, metavar="SHARE",
+                        help="joint image-video training: this share of the video model's steps on single frames")
     parser.add_argument("--parallel", action="store_true",
                         help="train both models at once (a GPU that one small model leaves mostly idle)")
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes: a smoke run")
@@ -182,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "samples", "threads", "minutes"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.joint is not None and not 0 < args.joint < 1:
+        parser.error(f"--joint must be in (0, 1), got {args.joint}")
     torch.set_num_threads(args.threads)
     recipe = load_yaml(RECIPE)
     if args.temporal:
@@ -206,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {"data": DATA, "batch_clips": args.batch, "samples": args.samples, "device": args.device,
                "temporal": recipe["model"]["temporal"],
                "spacetime_resolutions": recipe["model"].get("spacetime_resolutions", []),
-               "video_from_image": args.from_image, "models": {}}
+               "video_from_image": args.from_image, "joint_image_share": args.joint, "models": {}}
     reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[: args.samples]]
     results["real"] = coherence(reference, classifier)
     shown, baseline = {}, args.work / "frame-independent"
     jobs = {"frame-independent": (baseline, recipe, False, args.batch * FRAMES, args.steps, args.threads, sample_steps,
                                   None, args.minutes),
             "video": (args.work / "video", recipe, True, args.batch, args.steps, args.threads, sample_steps,
-                      baseline if args.from_image else None, args.minutes)}
+                      baseline if args.from_image else None, args.minutes, args.joint)}
     if args.parallel:
         with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {name: pool.submit(train, *job) for name, job in jobs.items()}

@@ -257,12 +257,16 @@ def test_video_benchmark_trains_for_minutes_and_in_parallel(video_module, tmp_pa
     for name, row in rows.items():  # the steps a probe chose, as trained, and the probe is gone
         assert row["steps"] == video_module.trained_steps(tmp_path / "timed" / name) > 0
         assert not (tmp_path / "timed" / f"{name}-probe").exists()
-    assert video_module.main(["--quick", "--parallel", "--work", str(tmp_path / "parallel"), "--json", str(out)]) == 0
+    assert video_module.main(["--quick", "--parallel", "--joint", "0.5", "--work", str(tmp_path / "parallel"),
+                              "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["models"]
     assert [row["steps"] for row in rows.values()] == [3, 3]  # both trained, in two processes
+    video_config = yaml.safe_load((tmp_path / "parallel" / "video" / "config.yaml").read_text())
+    assert video_config["data"]["images"] == video_module.FRAME_DATA and video_config["data"]["image_share"] == 0.5
 
 
-@pytest.mark.parametrize("flags", [["--minutes", "0"], ["--samples", "-1"], ["--parallel", "--from-image"]])
+@pytest.mark.parametrize("flags", [["--minutes", "0"], ["--samples", "-1"], ["--parallel", "--from-image"],
+                                   ["--joint", "1"]])
 def test_video_benchmark_refuses_bad_flags(video_module, flags, capsys):
     with pytest.raises(SystemExit):
         video_module.main(flags)

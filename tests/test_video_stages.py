@@ -177,3 +177,31 @@ def test_a_video_run_starts_from_an_image_run(tmp_path):
     with pytest.raises(ConfigError, match="train.init cannot be combined with distill or control"):
         Trainer(resolve(TINY_VIDEO, [f"train.init={tmp_path / 'image'}", "control.method=lora",
                                      f"control.base={tmp_path / 'image'}"]), tmp_path / "lora", progress=False)
+
+
+def test_joint_image_video_training_takes_every_other_step_on_images(tmp_path):
+    """data.images: image_share of the steps train on train.batch x frames images as one-frame clips (the temporal
+    layers skip them), the rest on clips; a resumed run continues both loaders exactly."""
+    joint = [f"data.images=moving-digits:frames=1,size={SIZE}", "data.image_share=0.5", "train.checkpoint_every=2"]
+    trainer = Trainer(resolve(TINY_VIDEO, joint), tmp_path / "joint", progress=False)
+    shapes = []
+    trainer.network.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    trainer.fit()
+    clips, images = (8, 1, FRAMES, SIZE, SIZE), (8 * FRAMES, 1, 1, SIZE, SIZE)
+    assert shapes[:4] == [clips, images, clips, images]  # then the sample grid's clips
+    Trainer(resolve(TINY_VIDEO, [*joint, "train.steps=2"]), tmp_path / "resumed", progress=False).fit()
+    Trainer(resolve(TINY_VIDEO, joint), tmp_path / "resumed", resume=True, progress=False).fit()
+    whole, resumed = (load_run(tmp_path / name).network.state_dict() for name in ("joint", "resumed"))
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, msg=key)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.dataset=digits", "model.temporal=null"], "holds images"),
+    (["data.images=moving-digits:frames=1,size=16"], r"holds 1x1x16x16, not images of the video's 1x12x12 frames"),
+    (["data.images=no-such-set"], "images must be one of"),
+    (["data.images=digits", "data.image_share=1"], r"image_share must be in \(0, 1\)"),
+])
+def test_joint_training_refuses_what_it_cannot_train(overrides, message):
+    with pytest.raises(Exception, match=message):
+        resolve(TINY_VIDEO, [f"data.images=moving-digits:frames=1,size={SIZE}", *overrides])

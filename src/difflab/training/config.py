@@ -35,15 +35,22 @@ class DataConfig:
     # A text-to-image run: the frozen encoder of the captions and prompts, "minilm" or a Hugging Face model folder
     # (difflab.conditioning.text). It sets model.text_dim.
     text_encoder: str | None = None
+    # Joint image-video training (video runs): image_share of the steps train on this image data set instead, each
+    # image a one-frame clip and train.batch x frames of them a step, so the spatial layers learn from images too.
+    images: str | None = None
+    image_share: float = 0.5
 
     def __post_init__(self):
         from difflab.conditioning.text import encoder_folder
         from difflab.data import DATASETS
         from difflab.data.builtin import dataset_exists
 
-        if not dataset_exists(self.dataset):
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, a shard folder or a folder of videos, "
-                             f"got {self.dataset!r}")
+        for name in ("dataset", "images"):
+            if (name == "dataset" or self.images is not None) and not dataset_exists(getattr(self, name)):
+                raise ValueError(f"{name} must be one of {', '.join(DATASETS)}, a shard folder or a folder of videos, "
+                                 f"got {getattr(self, name)!r}")
+        if not 0 < self.image_share < 1:
+            raise ValueError(f"image_share must be in (0, 1), got {self.image_share}")
         _positive("workers", self.workers, allow_zero=True)
         if self.text_encoder is not None:
             encoder_folder(self.text_encoder)
@@ -323,7 +330,33 @@ def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
             f"model expects {network.in_channels}x{network.resolution}x{network.resolution} inputs but data set "
             f"{config.data.dataset!r} has {'x'.join(map(str, shape))}"
         )
+    if config.data.images:
+        _check_joint_images(config, shape, network, source)
     return replace(config, model=network_mapping(network), data=replace(config.data, encoder=source))
+
+
+def _check_joint_images(config: RunConfig, shape: tuple[int, ...], network, encoder: str | None) -> None:
+    """data.images: a video generator on pixels (``encoder``: the run's, if it learns latents), and images of its
+    frames' shape."""
+    from difflab.data import open_loader
+
+    if len(shape) != 4:
+        raise ConfigError(f"data.images trains a video model on images too, but data set {config.data.dataset!r} "
+                          "holds images")
+    if source := encoder or config.data.text_encoder:
+        raise ConfigError(f"data.images is not supported with an encoder ({source}): joint training is on pixels "
+                          "with class labels or none")
+    if config.distill.method or config.control.method:
+        raise ConfigError("data.images is not supported for students and fine-tunes")
+    if getattr(network, "frame_patch", 1) != 1:
+        raise ConfigError(f"data.images needs one-frame clips, which model.frame_patch {network.frame_patch} "
+                          "cannot patch: use frame_patch 1")
+    images = open_loader(config.data.images, batch=1)
+    frame = (shape[0], *shape[2:])
+    if images.bucketed or images.encoder or tuple(images.sample_shape) not in (frame, (shape[0], 1, *shape[2:])):
+        found = "latents" if images.encoder else "x".join(map(str, images.sample_shape))
+        raise ConfigError(f"data.images {config.data.images!r} holds {found}, not images of the video's "
+                          f"{'x'.join(map(str, frame))} frames")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -116,6 +116,11 @@ class Trainer:
         self.loader = open_loader(config.data.dataset, t.batch // t.accumulation, seed=t.seed, rank=self.world.rank,
                                   world_size=self.world.size, workers=config.data.workers)
         self.sample_shape = self.loader.sample_shape  # what the network sees
+        self.image_loader = None  # joint image-video training: one-frame clips, train.batch x frames a step
+        if config.data.images:
+            self.image_loader = open_loader(config.data.images, t.batch * self.sample_shape[1] // t.accumulation,
+                                            seed=t.seed + 3, rank=self.world.rank, world_size=self.world.size,
+                                            workers=config.data.workers)
         self.encoder = None  # stage 2: the frozen encoder of data.encoder, for images and for sample grids
         if config.data.encoder:
             self.encoder = load_encoder(config.data.encoder, self.world.device)
@@ -213,27 +218,40 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.generator.set_state(tensors["rng.noise"])
         self.loader.load_state_dict(meta["data"])
+        if self.image_loader:
+            self.image_loader.load_state_dict(meta["image_data"])
         self.step, self.elapsed, self.images = meta["step"], meta["elapsed_seconds"], meta["images"]
         if self.world.main:
             _truncate_metrics(self.run_dir / "metrics.csv", self.step)
 
     # --------------------------------------------------------------------------------------------- training
+    def image_step(self, step: int) -> bool:
+        """Whether step ``step`` (from 0) of a joint image-video run trains on images: data.image_share of the
+        steps, spread evenly (with a share of 0.5, every second step)."""
+        share = self.config.data.image_share
+        return self.image_loader is not None and math.floor((step + 1) * share) > math.floor(step * share)
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (mean loss on this process, gradient norm)."""
         t, world = self.config.train, self.world
-        micro = t.batch // t.accumulation
+        loader, size, shape = self.loader, t.batch, self.sample_shape
+        if self.image_step(self.step):  # one-frame clips, as many frames as a step of clips
+            loader, size, shape = self.image_loader, t.batch * shape[1], (shape[0], 1, *shape[2:])
+        micro = size // t.accumulation
         bf16 = t.precision == "bfloat16"
         autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         # Drawn for the whole global batch, then sliced: the same samples see the same randomness whatever the
         # number of processes or accumulation rounds (aspect-ratio buckets: per round, see the objective).
-        draws = self.objective.draw(t.batch, None if self.loader.bucketed else self.sample_shape, self.step)
+        draws = self.objective.draw(size, None if loader.bucketed else shape, self.step)
         total = torch.zeros((), dtype=torch.float64, device=world.device)  # sums as Python floats would
         for round_ in range(t.accumulation):
-            batch = next(self.loader)
+            batch = next(loader)
+            images = batch.images.to(world.device)
+            if loader is self.image_loader:  # (B, C, H, W) images as (B, C, 1, H, W) clips
+                images = images.view(-1, *shape)
             share = Share(round_, micro, world.rank, world.size)
             with gradient_sync(self.parallel, round_ == t.accumulation - 1), autocast:
-                loss, logs = self.objective.loss(self.model, batch._replace(images=batch.images.to(world.device)),
-                                                 draws, share, self.step)
+                loss, logs = self.objective.loss(self.model, batch._replace(images=images), draws, share, self.step)
                 loss = loss / t.accumulation
             loss.backward()
             total += loss.detach()
@@ -252,7 +270,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.logs = {**logs, **self.objective.after_step(self.step)}  # the last round's terms
         self.step += 1
-        self.images += t.batch
+        self.images += size
         self.ema.update(self.network, self.step)
         return total, grad_norm
 
@@ -335,6 +353,7 @@ class Trainer:
             ckpt.save_tensors(tmp / "trainer.safetensors", tensors)
             ckpt.write_json(tmp / "trainer.json", dict(
                 step=self.step, elapsed_seconds=self.elapsed, images=self.images, data=self.loader.state_dict(),
+                **({"image_data": self.image_loader.state_dict()} if self.image_loader else {}),
                 optimizer=settings, objective=objective_settings, world_size=self.world.size, difflab=__version__,
             ))
             if is_autoencoder(self.config):
