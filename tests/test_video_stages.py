@@ -186,7 +186,7 @@ def test_joint_image_video_training_takes_every_other_step_on_images(tmp_path):
     trainer = Trainer(resolve(TINY_VIDEO, joint), tmp_path / "joint", progress=False)
     shapes = []
     trainer.network.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
-    trainer.fit()
+    assert trainer.fit()["images"] == 2 * 8 + 2 * 8 * FRAMES  # clips and images, each counted once
     clips, images = (8, 1, FRAMES, SIZE, SIZE), (8 * FRAMES, 1, 1, SIZE, SIZE)
     assert shapes[:4] == [clips, images, clips, images]  # then the sample grid's clips
     Trainer(resolve(TINY_VIDEO, [*joint, "train.steps=2"]), tmp_path / "resumed", progress=False).fit()

@@ -282,6 +282,7 @@ class Trainer:
         columns = METRICS + list(self.objective.columns)
         metrics = _MetricsWriter(self.run_dir / "metrics.csv", columns) if world.main else None
         interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+        interval_images = self.images
         segment_start, start_elapsed = time.perf_counter(), self.elapsed
         stop_reason = "steps"
         try:
@@ -293,13 +294,14 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps or out_of_time:
                     seconds = time.perf_counter() - interval_start
                     row = dict(step=self.step, loss=world.mean(interval_loss / interval_steps), grad_norm=grad_norm,
-                               lr=self.optimizer.param_groups[0]["lr"], images_per_second=interval_steps * t.batch
-                               / seconds, minutes=self.elapsed / 60,
+                               lr=self.optimizer.param_groups[0]["lr"],
+                               images_per_second=(self.images - interval_images) / seconds, minutes=self.elapsed / 60,
                                **{c: self.logs[c] for c in self.objective.columns if c in self.logs})
                     if metrics:
                         metrics.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
                     interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+                    interval_images = self.images
                 bar.update(1)
                 if t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0:
                     self.save_ema_snapshot()
