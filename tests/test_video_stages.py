@@ -2,9 +2,15 @@
 (read back), image-to-video and interpolation through the inpainting machinery in time, a video folder as a data
 set, and a latent video run's masks."""
 
+import csv
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from difflab.cli import main
@@ -201,7 +207,29 @@ def test_joint_image_video_training_takes_every_other_step_on_images(tmp_path):
     (["data.images=moving-digits:frames=1,size=16"], r"holds 1x1x16x16, not images of the video's 1x12x12 frames"),
     (["data.images=no-such-set"], "images must be one of"),
     (["data.images=digits", "data.image_share=1"], r"image_share must be in \(0, 1\)"),
+    (["train.static_graph=true"], "set train.static_graph=false"),
 ])
 def test_joint_training_refuses_what_it_cannot_train(overrides, message):
     with pytest.raises(Exception, match=message):
         resolve(TINY_VIDEO, [f"data.images=moving-digits:frames=1,size={SIZE}", *overrides])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_joint_training_on_two_processes_matches_one(tmp_path, strategy):
+    """Image steps leave the temporal layers out of the loss: DDP is told to look for unused parameters."""
+    joint = {**TINY_VIDEO, "data": {**TINY_VIDEO["data"], "images": f"moving-digits:frames=1,size={SIZE}"}}
+    Trainer(resolve(joint), tmp_path / "one", progress=False).fit()
+    config = tmp_path / "joint.yaml"
+    config.write_text(yaml.safe_dump(joint))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "difflab", "train", str(config), "--run-dir", str(tmp_path / strategy), "--no-progress",
+               "--set", f"train.distributed={strategy}"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(run):
+        with open(tmp_path / run / "metrics.csv") as f:
+            return [float(row["loss"]) for row in csv.DictReader(f)]
+
+    np.testing.assert_allclose(losses(strategy), losses("one"), rtol=1e-4)

@@ -348,6 +348,9 @@ def _check_joint_images(config: RunConfig, shape: tuple[int, ...], network, enco
                           "with class labels or none")
     if config.distill.method or config.control.method:
         raise ConfigError("data.images is not supported for students and fine-tunes")
+    if config.train.static_graph:
+        raise ConfigError("data.images: image steps skip the temporal layers, so the parameters a step uses change; "
+                          "set train.static_graph=false")
     if getattr(network, "frame_patch", 1) != 1:
         raise ConfigError(f"data.images needs one-frame clips, which model.frame_patch {network.frame_patch} "
                           "cannot patch: use frame_patch 1")

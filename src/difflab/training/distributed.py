@@ -92,9 +92,10 @@ def shard_mesh(strategy: str, world: World, shard_size: int = 0):
     return init_device_mesh(world.device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
-def wrap(network: nn.Module, train, world: World) -> nn.Module:
+def wrap(network: nn.Module, train, world: World, unused_parameters: bool = False) -> nn.Module:
     """``network`` prepared for ``train.distributed`` (a :class:`~difflab.training.config.TrainConfig`) on this
-    world; itself in a world of one."""
+    world; itself in a world of one. ``unused_parameters``: some steps leave parameters out (DDP must look for
+    them; joint image-video training's image steps skip the temporal layers)."""
     if world.size == 1:
         return network
     if train.distributed == "ddp":
@@ -106,7 +107,7 @@ def wrap(network: nn.Module, train, world: World) -> nn.Module:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         ddp = DistributedDataParallel(network, device_ids=device_ids, bucket_cap_mb=train.bucket_mb,
                                       gradient_as_bucket_view=train.gradient_as_bucket_view,
-                                      static_graph=train.static_graph)
+                                      static_graph=train.static_graph, find_unused_parameters=unused_parameters)
         if train.reduce_precision == "bfloat16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

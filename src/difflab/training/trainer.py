@@ -160,7 +160,7 @@ class Trainer:
             for block in blocks(self.objective.module):
                 block.compile()
         # Wrap first: FSDP replaces the parameters by shards, which the EMA and the optimizer must hold.
-        self.parallel = wrap(self.objective.module, t, self.world)
+        self.parallel = wrap(self.objective.module, t, self.world, unused_parameters=self.image_loader is not None)
         self.model = self.parallel
         self.sharded = self.world.size > 1 and t.distributed != "ddp"
         self.ema = EMA(self.network, decays=t.ema_decays, sigma_rels=t.ema_sigma_rels)
