@@ -2,15 +2,9 @@
 (read back), image-to-video and interpolation through the inpainting machinery in time, a video folder as a data
 set, and a latent video run's masks."""
 
-import csv
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from difflab.cli import main
@@ -217,19 +211,9 @@ def test_joint_training_refuses_what_it_cannot_train(overrides, message):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_joint_training_on_two_processes_matches_one(tmp_path, strategy):
     """Image steps leave the temporal layers out of the loss: DDP is told to look for unused parameters."""
+    from test_training import _torchrun, losses
+
     joint = {**TINY_VIDEO, "data": {**TINY_VIDEO["data"], "images": f"moving-digits:frames=1,size={SIZE}"}}
     Trainer(resolve(joint), tmp_path / "one", progress=False).fit()
-    config = tmp_path / "joint.yaml"
-    config.write_text(yaml.safe_dump(joint))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "difflab", "train", str(config), "--run-dir", str(tmp_path / strategy), "--no-progress",
-               "--set", f"train.distributed={strategy}"]
-    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    def losses(run):
-        with open(tmp_path / run / "metrics.csv") as f:
-            return [float(row["loss"]) for row in csv.DictReader(f)]
-
-    np.testing.assert_allclose(losses(strategy), losses("one"), rtol=1e-4)
+    np.testing.assert_allclose(_torchrun(tmp_path, strategy, [f"train.distributed={strategy}"], joint),
+                               [float(v) for v in losses(tmp_path / "one")], rtol=1e-4)
