@@ -45,10 +45,10 @@ class DataConfig:
         from difflab.data import DATASETS
         from difflab.data.builtin import dataset_exists
 
-        for name in ("dataset", "images"):
-            if (name == "dataset" or self.images is not None) and not dataset_exists(getattr(self, name)):
+        for name, value in (("dataset", self.dataset), ("images", self.images)):
+            if value is not None and not dataset_exists(value):
                 raise ValueError(f"{name} must be one of {', '.join(DATASETS)}, a shard folder or a folder of videos, "
-                                 f"got {getattr(self, name)!r}")
+                                 f"got {value!r}")
         if not 0 < self.image_share < 1:
             raise ValueError(f"image_share must be in (0, 1), got {self.image_share}")
         _positive("workers", self.workers, allow_zero=True)
@@ -288,6 +288,9 @@ def resolve(mapping: dict, overrides: list[str] = ()) -> RunConfig:
     config = build(RunConfig, apply_overrides(mapping, overrides))
     if not config.model:
         raise ConfigError("the config needs a model: section (arch or preset plus keys)")
+    if config.train.init and (config.distill.method or config.control.method):
+        raise ConfigError("train.init cannot be combined with distill or control: a student or fine-tune starts from "
+                          "its teacher or base run")
     data = open_loader(config.data.dataset, batch=1)
     shape, num_classes = data.sample_shape, data.num_classes
     model = dict(config.model)

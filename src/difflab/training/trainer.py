@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
 from difflab import __version__
-from difflab.config import ConfigError, to_dict
+from difflab.config import to_dict
 from difflab.data import open_loader
 from difflab.diffusion import Precond
 from difflab.models import build_network
@@ -128,12 +128,8 @@ class Trainer:
                 self.sample_shape = self.encoder.latent_shape(self.sample_shape)
         torch.manual_seed(t.seed)  # the same initial weights on every process
         self.network = build_network(config.model).to(self.world.device)
-        if t.init:
-            if config.distill.method or config.control.method:
-                raise ConfigError("train.init cannot be combined with distill or control: a student or fine-tune "
-                                  "starts from its teacher or base run")
-            if not resume:  # a resumed run's checkpoint holds its weights
-                start_from_run(self.network, t.init, f"train.init: the model differs from the run {t.init}", ("",))
+        if t.init and not resume:  # a resumed run's checkpoint holds its weights
+            start_from_run(self.network, t.init, f"train.init: the model differs from the run {t.init}", ("",))
         self.generator = torch.Generator().manual_seed(t.seed + 1)  # randomness of the global batch
         if is_autoencoder(config):
             if self.world.size > 1 and t.distributed != "ddp":
