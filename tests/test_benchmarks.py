@@ -28,7 +28,8 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     out = tmp_path / "samplers.json"
     samplers_module.main([
         "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|dpmpp_2m)$", "--peers", "DPMSolverMultistep",
-        "--samples", "200", "--search-samples", "64", "--bespoke-samples", "64", "--reference-steps", "200",
+        "--samples", "200", "--search-samples", "64", "--bespoke-samples", "64", "--bespoke-held-out", "256",
+        "--reference-steps", "200",
         "--json", str(out), "--plots", str(tmp_path), "--cache", str(tmp_path / "cache.json"),
         "--markdown", str(tmp_path / "table.md"),
     ])
@@ -48,6 +49,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [(["--cases", "nope"], "unknown case(s) nope"),
                                            (["--nfe", "3,x"], "expected comma-separated positive integers"),
                                            (["--restarts", "0"], "expected an integer >= 1, got '0'"),
+                                           (["--bespoke-held-out", "0"], "expected an integer >= 1, got '0'"),
                                            (["--mmd-samples", "1"], "expected an integer >= 2, got '1'"),
                                            (["--samples", "many"], "expected an integer >= 2, got 'many'")])
 def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args, message):

@@ -35,8 +35,9 @@ def best_closed_form(mixture, nfe, noise, reference) -> float:
 def test_read_off_solver_reproduces_the_closed_form_solver(solver, sigmas):
     mixture = GaussianMixture.ring()
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
+    name, options = LINEAR_SOLVERS[solver]
     torch.testing.assert_close(BespokeSolver.from_solver(solver, sigmas)(mixture, x),
-                               SOLVERS[solver](mixture, x, sigmas), rtol=0, atol=1e-12)
+                               SOLVERS[name](mixture, x, sigmas, **options), rtol=0, atol=1e-12)
 
 
 def test_fit_starts_from_the_best_closed_form_solver_exactly():
@@ -44,8 +45,8 @@ def test_fit_starts_from_the_best_closed_form_solver_exactly():
     solver = fit_bespoke(mixture, 5, shape=(64, 2), dtype=torch.float64, steps=0, reference_steps=50, cache=False)
     sigmas = torch.tensor(solver.sigmas, dtype=torch.float64)
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
-    torch.testing.assert_close(solver(mixture, x), SOLVERS[solver.info["start"]](mixture, x, sigmas),
-                               rtol=0, atol=1e-12)
+    name, options = LINEAR_SOLVERS[solver.info["start"]]
+    torch.testing.assert_close(solver(mixture, x), SOLVERS[name](mixture, x, sigmas, **options), rtol=0, atol=1e-12)
     assert solver.info["held_out_rmse"] == solver.info["initial_held_out_rmse"]
     with pytest.raises(ValueError, match="linear"):
         BespokeSolver.from_solver("heun", sigmas)
@@ -146,3 +147,21 @@ def test_json_round_trip_and_cache_hit(tmp_path):
     assert fit_bespoke(MustNotRun(), 3, **options) == solver
     with pytest.raises(AssertionError, match="cached"):
         fit_bespoke(MustNotRun(), 4, **options)
+
+
+def test_held_out_batch_may_be_larger_than_the_training_batch():
+    mixture = GaussianMixture.ring()
+    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False}
+    default = fit_bespoke(mixture, 4, **options)
+    assert fit_bespoke(mixture, 4, held_out=64, **options) == default  # the default is the batch's size
+    solver = fit_bespoke(mixture, 4, held_out=1000, **options)
+    g = torch.Generator().manual_seed(0)
+    torch.randn(64, 2, generator=g, dtype=torch.float64)  # the training noise, then the held-out noise
+    noise = torch.randn(1000, 2, generator=g, dtype=torch.float64)
+    reference = reference_solution(mixture, noise * 80.0, 0.002, 80.0, 20)
+    assert solver.info["held_out_rmse"] == pytest.approx(rmse(solver(mixture, noise * solver.sigmas[0]), reference),
+                                                         rel=1e-12)
+    with pytest.raises(ValueError, match="held_out must be at least 1"):
+        fit_bespoke(mixture, 4, held_out=0, **options)
+    with pytest.raises(ValueError, match="batch-aligned"):
+        fit_bespoke(mixture, 4, held_out=100, cond={"class_labels": torch.zeros(64, dtype=torch.long)}, **options)

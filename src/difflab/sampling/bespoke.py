@@ -31,8 +31,10 @@ well for a network) by L-BFGS: the loss is deterministic, the parameters few (ab
 scales very unequal (a change of alpha acts on every later step), where Adam's equal per-parameter
 steps diverge. The RMSE of a mixture with well-separated modes is dominated by the few samples that end
 in another mode than the reference, which differ from batch to batch, so the fit over-fits them: it
-keeps the solver with the lowest error on a second, held-out batch (early stopping), and large batches
-generalise better.
+keeps the solver with the lowest error on a second, held-out batch (early stopping). That batch may be
+much larger than the training batch, since it costs forward passes only: a held-out batch with enough
+mode switches to count them tells a start that keeps its samples in their modes from one that only fits
+the training batch's few switchers.
 
 A fitted solver is a small JSON-serialisable object; it is not in ``SOLVERS``, since it needs its state.
 """
@@ -61,8 +63,13 @@ from difflab.sampling.optimize import (
 from difflab.sampling.schedules import _check
 from difflab.sampling.solvers import SOLVERS
 
-# Deterministic solvers with one evaluation a step: linear in the start and the D_j, so exact starting points.
-LINEAR_SOLVERS = ("euler", "lms", "deis", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc")
+# Deterministic solvers with one evaluation a step, by start name: (solver, options). Each is linear in the start
+# and the D_j, so an exact starting point. UniPC at order 3 ("unipc3") is also a start: on 64-D mixtures with a
+# uniform VP schedule it leaves the fewest noises in another mode than the reference.
+LINEAR_SOLVERS: dict[str, tuple[str, dict]] = {
+    **{name: (name, {}) for name in ("euler", "lms", "deis", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc")},
+    "unipc3": ("unipc", {"order": 3}),
+}
 
 
 def _integrate(denoiser, x: torch.Tensor, sigmas: Sequence, a: Sequence, b: Sequence, cond: dict, callback=None):
@@ -121,7 +128,7 @@ class BespokeSolver:
 
     @classmethod
     def from_solver(cls, solver: str, sigmas: torch.Tensor) -> BespokeSolver:
-        """The closed-form ``SOLVERS[solver]`` on ``sigmas`` (positive, decreasing, then 0), exactly.
+        """The closed-form solver ``LINEAR_SOLVERS[solver]`` on ``sigmas`` (positive, decreasing, then 0), exactly.
 
         Read off by running the solver on coefficient vectors: x is the basis vector of the starting point
         and the k-th denoiser call returns that of D_k. Each iterate is linear in these, so what the k-th
@@ -129,6 +136,7 @@ class BespokeSolver:
         """
         if solver not in LINEAR_SOLVERS:
             raise ValueError(f"{solver!r} is not one of the linear one-evaluation solvers {', '.join(LINEAR_SOLVERS)}")
+        name, options = LINEAR_SOLVERS[solver]
         s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
         basis = torch.eye(len(s), dtype=torch.float64)
         points = []
@@ -137,7 +145,7 @@ class BespokeSolver:
             points.append(x[0])
             return basis[len(points)][None]
 
-        points.append(SOLVERS[solver](unit, basis[:1], s)[0])
+        points.append(SOLVERS[name](unit, basis[:1], s, **options)[0])
         n = len(points) - 1
         if n != len(s) - 1:
             raise ValueError(f"{solver!r} does not take one evaluation a step")
@@ -200,9 +208,10 @@ def fit_bespoke(
     steps: int = 30,
     patience: int = 5,
     reference_steps: int = 200,
-    start_solvers: Sequence[str] = LINEAR_SOLVERS,
+    start_solvers: Sequence[str] = tuple(LINEAR_SOLVERS),
     extra_starts: Sequence[tuple[str, torch.Tensor]] = (),
     restarts: int = 1,
+    held_out: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     cache: str | Path | bool = True,
@@ -212,8 +221,11 @@ def fit_bespoke(
     """Fit a :class:`BespokeSolver` with ``nfe`` evaluations to ``denoiser`` from noise of ``shape``.
 
     ``shape`` is (batch, *sample_shape): the training noises are its first draw from ``seed`` (the noise
-    :func:`~difflab.sampling.optimize.optimized` searches on), the held-out noises its second. A start
-    is the pair of a solver from ``start_solvers`` and a schedule (every candidate of the optimised schedule's
+    :func:`~difflab.sampling.optimize.optimized` searches on), the ``held_out`` noises (default: batch) its
+    second. A held-out batch many times the training batch pays: it costs forward passes only, and the few
+    noises that end in another mode, which dominate the error, are too few in a training-sized batch to tell
+    fits apart. A start is the pair of a solver from ``start_solvers`` (names of ``LINEAR_SOLVERS``) and a
+    schedule (every candidate of the optimised schedule's
     search), or one of the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules); the fit starts from
     the one with the lowest error on the training batch, and with ``restarts`` > 1 also from the best start
     of each of the next-best solvers, ``restarts`` fits in all. Each of up to ``steps``
@@ -227,6 +239,10 @@ def fit_bespoke(
     _check(nfe, sigma_min, sigma_max)
     if restarts < 1:
         raise ValueError(f"restarts must be at least 1, got {restarts}")
+    if held_out is not None and held_out < 1:
+        raise ValueError(f"held_out must be at least 1, got {held_out}")
+    if cond and held_out not in (None, shape[0]):
+        raise ValueError(f"cond is batch-aligned with shape, so held_out must be {shape[0]}, not {held_out}")
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
     cond = cond or {}
@@ -235,17 +251,18 @@ def fit_bespoke(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
     # "bespoke-v2": the family with a weight on x in the last step (earlier entries lack it)
     key = (f"{key_id}|bespoke-v2|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
-           f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else ""))
+           f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
+           + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
     if stored is not None:
         return BespokeSolver.from_dict(stored)
 
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=g, dtype=dtype, device=device)
-    held_out = torch.randn(shape, generator=g, dtype=dtype, device=device)
+    held_out_noise = torch.randn((held_out or shape[0], *shape[1:]), generator=g, dtype=dtype, device=device)
     with torch.no_grad():
         target, held_out_target = (reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps,
-                                                      **cond) for z in (noise, held_out))
+                                                      **cond) for z in (noise, held_out_noise))
         # Each candidate's steps as logits represent them, so that the start is exactly the closed-form solver.
         pairs = [(name, c) for name in start_solvers for c in candidate_schedules(nfe, sigma_min, sigma_max)]
         starts = []
@@ -281,7 +298,7 @@ def fit_bespoke(
 
         def held_out_error() -> float:
             with torch.no_grad():
-                return loss(params, held_out, held_out_target).item()
+                return loss(params, held_out_noise, held_out_target).item()
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
