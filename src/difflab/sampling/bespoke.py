@@ -192,6 +192,9 @@ class _Parameters(torch.nn.Module):
             return BespokeSolver(sigmas.tolist(), a.tolist(), [row.tolist() for row in b], info)
 
 
+SHORTLIST = 3  # starts of each solver, chosen on the training batch, that the held-out batch compares
+
+
 def _lbfgs(params: torch.nn.Module) -> torch.optim.LBFGS:
     return torch.optim.LBFGS(params.parameters(), lr=1, max_iter=20, history_size=50, line_search_fn="strong_wolfe")
 
@@ -226,9 +229,10 @@ def fit_bespoke(
     noises that end in another mode, which dominate the error, are too few in a training-sized batch to tell
     fits apart. A start is the pair of a solver from ``start_solvers`` (names of ``LINEAR_SOLVERS``) and a
     schedule (every candidate of the optimised schedule's
-    search), or one of the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules); the fit starts from
-    the one with the lowest error on the training batch, and with ``restarts`` > 1 also from the best start
-    of each of the next-best solvers, ``restarts`` fits in all. Each of up to ``steps``
+    search), or one of the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's
+    ``SHORTLIST`` best starts on the training batch are compared on the held-out batch; the fit starts from the
+    best of all, and with ``restarts`` > 1 also from the best start of each of the next-best solvers,
+    ``restarts`` fits in all. Each of up to ``steps``
     L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is followed by the held-out
     error; the solver with the lowest held-out error over all fits is returned, and a fit stops after
     ``patience`` iterations without a new lowest of its own. Restarts pay because the loss is dominated by
@@ -271,19 +275,18 @@ def fit_bespoke(
                                                     sigma_max))
             starts.append((BespokeSolver.from_solver(name, _sigmas_from_logits(z, sigma_min, sigma_max)), z))
 
-        def error(start: BespokeSolver) -> float:
+        def error(start: BespokeSolver, z: torch.Tensor, reference: torch.Tensor) -> float:
             if min(start.a[:-1], default=1.0) <= 0:  # alpha = log(a / decay) needs a > 0
                 return math.inf
-            return rmse(start(denoiser, noise * start.sigmas[0], **cond), target)
+            return rmse(start(denoiser, z * start.sigmas[0], **cond), reference)
 
-        errors = [error(candidate) for candidate, _ in starts]
-        chosen, solvers_seen = [], set()  # the best start of each of the `restarts` best solvers
-        for k in sorted(range(len(starts)), key=errors.__getitem__):
-            if len(chosen) == restarts:
-                break
-            if starts[k][0].info["start"] not in solvers_seen:
-                chosen.append(starts[k])
-                solvers_seen.add(starts[k][0].info["start"])
+        # Each solver's SHORTLIST best starts on the training batch; the held-out batch picks among them.
+        shortlists: dict[str, list] = {}
+        for pair in sorted(starts, key=lambda pair: error(pair[0], noise, target)):
+            shortlists.setdefault(pair[0].info["start"], []).append(pair)
+        best_of = [min((error(pair[0], held_out_noise, held_out_target), k, pair)
+                       for k, pair in enumerate(shortlist[:SHORTLIST])) for shortlist in shortlists.values()]
+        chosen = [pair for _, _, pair in sorted(best_of, key=lambda item: item[:2])[:restarts]]
 
     def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         sigmas, a, b = params.coefficients()
