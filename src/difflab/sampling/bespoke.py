@@ -253,8 +253,8 @@ def fit_bespoke(
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    # "bespoke-v2": the family with a weight on x in the last step (earlier entries lack it)
-    key = (f"{key_id}|bespoke-v2|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v3": starts picked on the held-out batch ("v2": the last step's weight on x; entries before lack it)
+    key = (f"{key_id}|bespoke-v3|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
            + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
