@@ -9,6 +9,7 @@ from difflab.diffusion import GaussianMixture
 from difflab.evaluation import rmse
 from difflab.sampling import SCHEDULES, SOLVERS, reference_solution, steps_for_nfe
 from difflab.sampling.bespoke import LINEAR_SOLVERS, BespokeSolver, fit_bespoke
+from difflab.sampling.optimize import _logits_from_sigmas, _sigmas_from_logits, candidate_schedules
 
 CLOSED_FORM_SOLVERS = ("euler", "heun", "dpm2", "lms", "deis", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc")
 CLOSED_FORM_SCHEDULES = ("karras", "loglinear", "vp_uniform", "vp_trailing", "flow_shift")
@@ -165,3 +166,21 @@ def test_held_out_batch_may_be_larger_than_the_training_batch():
         fit_bespoke(mixture, 4, held_out=0, **options)
     with pytest.raises(ValueError, match="batch-aligned"):
         fit_bespoke(mixture, 4, held_out=100, cond={"class_labels": torch.zeros(64, dtype=torch.long)}, **options)
+
+
+def test_held_out_batch_picks_the_start_among_each_solvers_best_on_the_training_batch():
+    mixture = GaussianMixture.random(8, 6, std=0.1)
+    options = {"shape": (8, 8), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False,
+               "start_solvers": ("euler",)}
+    solver = fit_bespoke(mixture, 4, held_out=512, **options)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (8, 512)]
+    references = [reference_solution(mixture, z * 80.0, 0.002, 80.0, 20) for z in batches]
+    starts = []
+    for sigmas in candidate_schedules(4, 0.002, 80.0):
+        logits = torch.as_tensor(_logits_from_sigmas(sigmas.double(), 0.002, 80.0))
+        start = BespokeSolver.from_solver("euler", _sigmas_from_logits(logits, 0.002, 80.0))
+        starts.append([rmse(start(mixture, z * start.sigmas[0]), ref) for z, ref in zip(batches, references)])
+    shortlist = sorted(starts)[:3]  # the three best on the training batch
+    assert solver.info["initial_held_out_rmse"] == pytest.approx(min(held for _, held in shortlist), rel=1e-12)
+    assert shortlist[0][1] > min(held for _, held in shortlist)  # not the best start on the training batch

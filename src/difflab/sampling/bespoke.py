@@ -228,11 +228,10 @@ def fit_bespoke(
     second. A held-out batch many times the training batch pays: it costs forward passes only, and the few
     noises that end in another mode, which dominate the error, are too few in a training-sized batch to tell
     fits apart. A start is the pair of a solver from ``start_solvers`` (names of ``LINEAR_SOLVERS``) and a
-    schedule (every candidate of the optimised schedule's
-    search), or one of the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's
-    ``SHORTLIST`` best starts on the training batch are compared on the held-out batch; the fit starts from the
-    best of all, and with ``restarts`` > 1 also from the best start of each of the next-best solvers,
-    ``restarts`` fits in all. Each of up to ``steps``
+    schedule (every candidate of the optimised schedule's search), or one of the (solver, sigmas)
+    ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts on the training
+    batch are compared on the held-out batch; the fit starts from the best of all, and with ``restarts`` > 1
+    also from the best start of each of the next-best solvers, ``restarts`` fits in all. Each of up to ``steps``
     L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is followed by the held-out
     error; the solver with the lowest held-out error over all fits is returned, and a fit stops after
     ``patience`` iterations without a new lowest of its own. Restarts pay because the loss is dominated by
