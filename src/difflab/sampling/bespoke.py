@@ -285,7 +285,7 @@ def fit_bespoke(
             shortlists.setdefault(pair[0].info["start"], []).append(pair)
         best_of = [min((error(pair[0], held_out_noise, held_out_target), k, pair)
                        for k, pair in enumerate(shortlist[:SHORTLIST])) for shortlist in shortlists.values()]
-        chosen = [pair for _, _, pair in sorted(best_of, key=lambda item: item[:2])[:restarts]]
+        chosen = [(*pair, held) for held, _, pair in sorted(best_of, key=lambda item: item[:2])[:restarts]]
 
     def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         sigmas, a, b = params.coefficients()
@@ -295,7 +295,7 @@ def fit_bespoke(
     bar = tqdm(total=steps * len(chosen), desc=f"fitting bespoke solver ({nfe} NFE)", disable=not progress,
                leave=False)
 
-    def fit(start: BespokeSolver, start_logits: torch.Tensor) -> BespokeSolver:
+    def fit(start: BespokeSolver, start_logits: torch.Tensor, start_error: float) -> BespokeSolver:
         params = _Parameters(start, start_logits, sigma_min, sigma_max)
 
         def held_out_error() -> float:
@@ -308,8 +308,8 @@ def fit_bespoke(
             error.backward()
             return error
 
-        best_error, best_state, best_step = held_out_error(), copy.deepcopy(params.state_dict()), 0
-        start_error, step = best_error, 0
+        best_error, best_state, best_step = start_error, copy.deepcopy(params.state_dict()), 0  # held out
+        step = 0
         optimizer = _lbfgs(params)
         for step in range(1, steps + 1):
             train_error = optimizer.step(closure).item()  # the training error before this iteration
@@ -327,7 +327,7 @@ def fit_bespoke(
         return params.solver({**start.info, "start_sigmas": start.sigmas, "held_out_rmse": best_error,
                               "initial_held_out_rmse": start_error, "best_step": best_step, "steps_run": step})
 
-    fits = [fit(*pair) for pair in chosen]
+    fits = [fit(*start) for start in chosen]
     bar.close()
     solver = min(fits, key=lambda fitted: fitted.info["held_out_rmse"])
     solver.info["restarts"] = {fitted.info["start"]: fitted.info["held_out_rmse"] for fitted in fits}
