@@ -9,7 +9,7 @@ from difflab.diffusion import GaussianMixture
 from difflab.evaluation import rmse
 from difflab.sampling import SCHEDULES, SOLVERS, reference_solution, steps_for_nfe
 from difflab.sampling.bespoke import LINEAR_SOLVERS, BespokeSolver, fit_bespoke
-from difflab.sampling.optimize import _logits_from_sigmas, _sigmas_from_logits, candidate_schedules
+from difflab.sampling.optimize import _logits_from_sigmas, _sigmas_from_logits, candidate_schedules, focused_candidates
 
 CLOSED_FORM_SOLVERS = ("euler", "heun", "dpm2", "lms", "deis", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc")
 CLOSED_FORM_SCHEDULES = ("karras", "loglinear", "vp_uniform", "vp_trailing", "flow_shift")
@@ -55,7 +55,8 @@ def test_fit_starts_from_the_best_closed_form_solver_exactly():
 
 def test_restarts_fit_from_the_best_start_of_several_solvers_and_keep_the_best_held_out():
     mixture = GaussianMixture.random(8, 6, std=0.1)
-    options = {"shape": (128, 8), "dtype": torch.float64, "steps": 2, "reference_steps": 30, "cache": False}
+    options = {"shape": (128, 8), "dtype": torch.float64, "steps": 2, "reference_steps": 30, "cache": False,
+               "focused": False}
     single = fit_bespoke(mixture, 4, **options)
     solver = fit_bespoke(mixture, 4, restarts=3, **options)
     fits = solver.info["restarts"]
@@ -152,7 +153,8 @@ def test_json_round_trip_and_cache_hit(tmp_path):
 
 def test_held_out_batch_may_be_larger_than_the_training_batch():
     mixture = GaussianMixture.ring()
-    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False}
+    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False,
+               "focused": False}
     default = fit_bespoke(mixture, 4, **options)
     assert fit_bespoke(mixture, 4, held_out=64, **options) == default  # the default is the batch's size
     solver = fit_bespoke(mixture, 4, held_out=1000, **options)
@@ -177,10 +179,38 @@ def test_held_out_batch_picks_the_start_among_each_solvers_best_on_the_training_
     batches = [torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (8, 512)]
     references = [reference_solution(mixture, z * 80.0, 0.002, 80.0, 20) for z in batches]
     starts = []
-    for sigmas in candidate_schedules(4, 0.002, 80.0):
+    for sigmas in [*candidate_schedules(4, 0.002, 80.0), *focused_candidates(4, 0.002, 80.0)]:
         logits = torch.as_tensor(_logits_from_sigmas(sigmas.double(), 0.002, 80.0))
         start = BespokeSolver.from_solver("euler", _sigmas_from_logits(logits, 0.002, 80.0))
         starts.append([rmse(start(mixture, z * start.sigmas[0]), ref) for z, ref in zip(batches, references)])
     shortlist = sorted(starts)[:3]  # the three best on the training batch
     assert solver.info["initial_held_out_rmse"] == pytest.approx(min(held for _, held in shortlist), rel=1e-12)
     assert shortlist[0][1] > min(held for _, held in shortlist)  # not the best start on the training batch
+
+
+def test_focused_candidates_cover_the_grid_within_the_range():
+    grid = focused_candidates(6, 0.002, 80.0)
+    assert len(grid) == 180 and all(len(sigmas) == 7 and sigmas[0] == 80.0 and sigmas[-1] == 0 for sigmas in grid)
+    assert sorted({round(sigmas[-2].item(), 9) for sigmas in grid}) == [0.002, 0.01, 0.03, 0.1]
+    # the last evaluation stays below the centre: with sigma_min = 0.02, 1 and 0.75 (50x, 15x) drop out for some
+    assert all(sigmas[-2] < 2.5 for sigmas in focused_candidates(6, 0.02, 80.0))
+    assert len(focused_candidates(6, 0.02, 80.0)) < 180
+
+
+def test_focused_schedules_are_starts_unless_turned_off():
+    mixture = GaussianMixture.ring()
+    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False,
+               "start_solvers": ("unipc3",)}
+
+    def represented(candidates):  # as the step logits hold them (the first sigma just below sigma_max)
+        return [_sigmas_from_logits(torch.as_tensor(_logits_from_sigmas(sigmas, 0.002, 80.0)), 0.002, 80.0)
+                for sigmas in candidates]
+
+    def among(solver, candidates) -> bool:
+        sigmas = torch.tensor(solver.sigmas, dtype=torch.float64)
+        return any(torch.allclose(sigmas, c, rtol=1e-9, atol=0) for c in represented(candidates))
+
+    focused, unfocused = fit_bespoke(mixture, 6, **options), fit_bespoke(mixture, 6, focused=False, **options)
+    assert among(focused, focused_candidates(6, 0.002, 80.0))  # here a focused schedule is the best start
+    assert among(unfocused, candidate_schedules(6, 0.002, 80.0))
+    assert unfocused.info["initial_held_out_rmse"] > focused.info["initial_held_out_rmse"]

@@ -63,6 +63,30 @@ def smooth_mixture():
     return GaussianMixture(torch.tensor([[0.0, 0.0], [1.0, 0.5], [-0.5, 1.0]]), torch.tensor([0.3, 0.45, 0.24]))
 
 
+def test_focused_steps_are_quantiles_of_its_density():
+    # uniform share 1: uniform in log sigma; share 0: equally spaced in the normal cdf, truncated to the range
+    torch.testing.assert_close(SCHEDULES["focused"](9, 0.002, 80.0, uniform=1.0),
+                               SCHEDULES["loglinear"](9, 0.002, 80.0), rtol=1e-12, atol=0)
+    sigmas = SCHEDULES["focused"](9, 0.002, 80.0, center=1.5, width=0.7, uniform=0.0)[:-1]
+    cdf = 0.5 * (1 + torch.erf((sigmas.log() - math.log(1.5)) / (0.7 * math.sqrt(2))))
+    torch.testing.assert_close(cdf.diff(), torch.full((8,), (cdf[-1] - cdf[0]).item() / 8, dtype=torch.float64),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_focused_crowds_the_steps_near_its_center():
+    def near(sigmas):
+        return ((sigmas > 0.5) & (sigmas < 2.0)).sum().item()
+
+    assert near(SCHEDULES["focused"](20, 0.002, 80.0, center=1.0, width=0.4, uniform=0.3)) >= 3 * near(
+        SCHEDULES["loglinear"](20, 0.002, 80.0))
+
+
+@pytest.mark.parametrize("kwargs", [dict(center=0.0), dict(width=-1.0), dict(uniform=1.5), dict(uniform=-0.1)])
+def test_focused_rejects_bad_parameters(kwargs):
+    with pytest.raises(ValueError, match="center"):
+        SCHEDULES["focused"](5, 0.002, 80.0, **kwargs)
+
+
 def test_optimized_schedule_beats_karras_on_held_out_noise(tmp_path):
     mixture = smooth_mixture()
     sigmas = SCHEDULES["optimized"](5, sigma_min=0.002, sigma_max=80.0, denoiser=mixture, solver="dpmpp_2m",

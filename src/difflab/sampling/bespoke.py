@@ -23,8 +23,10 @@ steps before the last are written relative to an exponential integrator on the d
 so the decay of x and the step's weight follow the sigmas while they are learned. The start is a
 closed-form solver: any deterministic one-evaluation-per-step solver in ``SOLVERS`` is linear in the
 starting point and the D_j, so running it on basis vectors reads off its a_i and b_ij exactly
-(:meth:`BespokeSolver.from_solver`); the fit starts from the solver and schedule with the lowest error
-on the training batch, and keeps a result only where it is better on held-out noise.
+(:meth:`BespokeSolver.from_solver`). The schedules tried are the closed-form ones and a grid of
+:func:`~difflab.sampling.schedules.focused` ones, which crowd the steps where the modes are decided; the
+fit starts from the pair that does best on held-out noise among each solver's best on the training
+batch, and keeps a result only where it is better on held-out noise.
 The loss is the endpoint RMSE against :func:`~difflab.sampling.optimize.reference_solution`,
 minimised in float64 through the denoiser (autograd; exact for the Gaussian mixture, and it works as
 well for a network) by L-BFGS: the loss is deterministic, the parameters few (about n^2 / 2) and their
@@ -58,6 +60,7 @@ from difflab.sampling.optimize import (
     cache_location,
     cached,
     candidate_schedules,
+    focused_candidates,
     reference_solution,
 )
 from difflab.sampling.schedules import _check
@@ -213,6 +216,7 @@ def fit_bespoke(
     reference_steps: int = 200,
     start_solvers: Sequence[str] = tuple(LINEAR_SOLVERS),
     extra_starts: Sequence[tuple[str, torch.Tensor]] = (),
+    focused: bool = True,
     restarts: int = 1,
     held_out: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -228,16 +232,18 @@ def fit_bespoke(
     second. A held-out batch many times the training batch pays: it costs forward passes only, and the few
     noises that end in another mode, which dominate the error, are too few in a training-sized batch to tell
     fits apart. A start is the pair of a solver from ``start_solvers`` (names of ``LINEAR_SOLVERS``) and a
-    schedule (every candidate of the optimised schedule's search), or one of the (solver, sigmas)
-    ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts on the training
-    batch are compared on the held-out batch; the fit starts from the best of all, and with ``restarts`` > 1
-    also from the best start of each of the next-best solvers, ``restarts`` fits in all. Each of up to ``steps``
-    L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is followed by the held-out
-    error; the solver with the lowest held-out error over all fits is returned, and a fit stops after
-    ``patience`` iterations without a new lowest of its own. Restarts pay because the loss is dominated by
-    the few noises that end in another mode, so fits from different starts end in quite different places.
-    ``cond`` is batch-aligned with ``shape`` and used for both batches. ``cache`` and ``cache_key`` work
-    as for ``optimized``.
+    schedule (every candidate of the optimised schedule's search and, with ``focused``, the 180 schedules of
+    :func:`~difflab.sampling.optimize.focused_candidates`, which crowd their steps where the modes are
+    decided: five times the starts, each one forward pass of the training batch per evaluation), or one of
+    the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts
+    on the training batch are compared on the held-out batch; the fit starts from the best of all, and with
+    ``restarts`` > 1 also from the best start of each of the next-best solvers, ``restarts`` fits in all.
+    Each of up to ``steps`` L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is
+    followed by the held-out error; the solver with the lowest held-out error over all fits is returned,
+    and a fit stops after ``patience`` iterations without a new lowest of its own. Restarts pay because the
+    loss is dominated by the few noises that end in another mode, so fits from different starts end in quite
+    different places. ``cond`` is batch-aligned with ``shape`` and used for both batches. ``cache`` and
+    ``cache_key`` work as for ``optimized``.
     """
     _check(nfe, sigma_min, sigma_max)
     if restarts < 1:
@@ -250,10 +256,11 @@ def fit_bespoke(
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
     cond = cond or {}
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
-    start_key = ",".join(start_solvers) + "".join(
+    start_key = ",".join(start_solvers) + ("" if focused else "|unfocused") + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    # "bespoke-v3": starts picked on the held-out batch ("v2": the last step's weight on x; entries before lack it)
-    key = (f"{key_id}|bespoke-v3|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v4": focused schedules among the starts ("v3": starts picked on the held-out batch; "v2": the last
+    # step's weight on x)
+    key = (f"{key_id}|bespoke-v4|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
            + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
@@ -267,7 +274,10 @@ def fit_bespoke(
         target, held_out_target = (reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps,
                                                       **cond) for z in (noise, held_out_noise))
         # Each candidate's steps as logits represent them, so that the start is exactly the closed-form solver.
-        pairs = [(name, c) for name in start_solvers for c in candidate_schedules(nfe, sigma_min, sigma_max)]
+        schedules = candidate_schedules(nfe, sigma_min, sigma_max)
+        if focused:
+            schedules += focused_candidates(nfe, sigma_min, sigma_max)
+        pairs = [(name, sigmas) for name in start_solvers for sigmas in schedules]
         starts = []
         for name, sigmas in [*pairs, *extra_starts]:
             z = torch.as_tensor(_logits_from_sigmas(torch.as_tensor(sigmas, dtype=torch.float64).cpu(), sigma_min,

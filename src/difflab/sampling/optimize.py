@@ -15,6 +15,7 @@ file per model.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -30,7 +31,16 @@ from tqdm.auto import tqdm
 
 from difflab import paths
 from difflab.evaluation import rmse
-from difflab.sampling.schedules import _append_zero, _check, flow_shift, karras, loglinear, vp_trailing, vp_uniform
+from difflab.sampling.schedules import (
+    _append_zero,
+    _check,
+    flow_shift,
+    focused,
+    karras,
+    loglinear,
+    vp_trailing,
+    vp_uniform,
+)
 from difflab.sampling.solvers import SOLVERS, STOCHASTIC, rk4
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,22 @@ def candidate_schedules(steps: int, sigma_min: float, sigma_max: float) -> list[
             grid = schedule(steps + extra, sigma_min, sigma_max)
             candidates += [torch.cat([grid[k:steps + k], grid.new_zeros(1)]) for k in range(extra + 1)]
     return candidates
+
+
+# The grid of focused schedules: where the steps crowd (sigma, for data of unit scale), how tightly (in log
+# sigma), what share of them stays spread uniformly, and how many times sigma_min the last evaluation stops at.
+FOCUS_CENTERS = (0.3, 0.6, 1.0, 1.5, 2.5)
+FOCUS_WIDTHS = (0.4, 0.8, 1.4)
+FOCUS_UNIFORM = (0.3, 0.5, 0.7)
+FOCUS_LAST = (1, 5, 15, 50)
+
+
+def focused_candidates(steps: int, sigma_min: float, sigma_max: float) -> list[torch.Tensor]:
+    """The grid of :func:`~difflab.sampling.schedules.focused` schedules (180 where sigma_min is 0.002): every
+    centre, width and uniform share, ending at each multiple ``FOCUS_LAST`` of sigma_min below the centre."""
+    return [focused(steps, last * sigma_min, sigma_max, center=center, width=width, uniform=share)
+            for center, width, share, last in itertools.product(FOCUS_CENTERS, FOCUS_WIDTHS, FOCUS_UNIFORM, FOCUS_LAST)
+            if last * sigma_min < min(center, sigma_max)]
 
 
 def default_cache_path() -> Path:

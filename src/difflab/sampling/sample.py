@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.sampling.optimize import optimized
-from difflab.sampling.schedules import flow_shift, karras, loglinear, vp_trailing, vp_uniform
+from difflab.sampling.schedules import flow_shift, focused, karras, loglinear, vp_trailing, vp_uniform
 from difflab.sampling.solvers import SOLVERS, Generator
 
 SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
@@ -18,6 +18,7 @@ SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "vp_uniform": vp_uniform,
     "vp_trailing": vp_trailing,
     "flow_shift": flow_shift,
+    "focused": focused,
     "optimized": optimized,
 }
 
