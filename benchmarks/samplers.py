@@ -111,7 +111,7 @@ def run_case(name: str, args, peers: dict) -> dict:
             t0 = time.perf_counter()
             bespoke = fit_bespoke(mixture, budget, SIGMA_MIN, SIGMA_MAX, shape=(args.bespoke_samples, *shape),
                                   dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}",
-                                  restarts=args.restarts, held_out=args.bespoke_held_out,
+                                  restarts=args.restarts, held_out=args.bespoke_held_out, steps=args.bespoke_steps,
                                   extra_starts=[(s, sigmas) for s, sigmas in optimized if s in LINEAR_SOLVERS])
             x0 = bespoke(mixture, noise * bespoke.sigmas[0])
             record("difflab", "bespoke", x0, bespoke.nfe, budget, time.perf_counter() - t0, False)
@@ -263,6 +263,8 @@ def main(argv=None) -> int:
                         help="noise samples the bespoke solver is fitted on")
     parser.add_argument("--bespoke-held-out", type=_at_least(1), default=None,
                         help="held-out noise samples that judge the bespoke fits (default: --bespoke-samples)")
+    parser.add_argument("--bespoke-steps", type=_at_least(0), default=30,
+                        help="L-BFGS iterations of each bespoke fit (each ends early after 5 without a new best)")
     parser.add_argument("--restarts", type=_at_least(1), default=4,
                         help="bespoke fits from the best start of this many solvers; the best held out is kept")
     parser.add_argument("--cache", type=Path, default=Path("out/bench-cache/optimized_schedules.json"))
