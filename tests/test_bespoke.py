@@ -195,6 +195,7 @@ def test_focused_candidates_cover_the_grid_within_the_range():
     # the last evaluation stays below the centre: with sigma_min = 0.02, 1 and 0.75 (50x, 15x) drop out for some
     assert all(sigmas[-2] < 2.5 for sigmas in focused_candidates(6, 0.02, 80.0))
     assert len(focused_candidates(6, 0.02, 80.0)) < 180
+    assert focused_candidates(1, 0.002, 80.0) == []  # one step: all would be (sigma_max, 0), as karras(1) is
 
 
 def test_focused_schedules_are_starts_unless_turned_off():

@@ -77,7 +77,10 @@ FOCUS_LAST = (1, 5, 15, 50)
 
 def focused_candidates(steps: int, sigma_min: float, sigma_max: float) -> list[torch.Tensor]:
     """The grid of :func:`~difflab.sampling.schedules.focused` schedules (180 where sigma_min is 0.002): every
-    centre, width and uniform share, ending at each multiple ``FOCUS_LAST`` of sigma_min below the centre."""
+    centre, width and uniform share, ending at each multiple ``FOCUS_LAST`` of sigma_min below the centre.
+    None for one step, where every one of them is (sigma_max, 0), a closed-form candidate already."""
+    if steps == 1:
+        return []
     return [focused(steps, last * sigma_min, sigma_max, center=center, width=width, uniform=share)
             for center, width, share, last in itertools.product(FOCUS_CENTERS, FOCUS_WIDTHS, FOCUS_UNIFORM, FOCUS_LAST)
             if last * sigma_min < min(center, sigma_max)]
