@@ -111,7 +111,7 @@ def focused(
     lo, hi, mid = math.log(sigma_min), math.log(sigma_max), math.log(center)
 
     def normal_cdf(u: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (1 + torch.erf((u - mid) / (width * math.sqrt(2))))
+        return torch.special.ndtr((u - mid) / width)
 
     bump_lo, bump_hi = (normal_cdf(torch.tensor(end, dtype=torch.float64)) for end in (lo, hi))
 
