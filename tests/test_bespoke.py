@@ -1,6 +1,7 @@
 """The bespoke solver: starts as a closed-form solver, learns to beat all of them, keeps the solver contract."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,14 @@ from difflab.diffusion import GaussianMixture
 from difflab.evaluation import rmse
 from difflab.sampling import SCHEDULES, SOLVERS, reference_solution, steps_for_nfe
 from difflab.sampling.bespoke import LINEAR_SOLVERS, BespokeSolver, fit_bespoke
-from difflab.sampling.optimize import _logits_from_sigmas, _sigmas_from_logits, candidate_schedules, focused_candidates
+from difflab.sampling.optimize import (
+    Focus,
+    _logits_from_sigmas,
+    _sigmas_from_logits,
+    candidate_schedules,
+    focus_grid,
+    refine_focus,
+)
 
 CLOSED_FORM_SOLVERS = ("euler", "heun", "dpm2", "lms", "deis", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc")
 CLOSED_FORM_SCHEDULES = ("karras", "loglinear", "vp_uniform", "vp_trailing", "flow_shift")
@@ -174,12 +182,13 @@ def test_held_out_batch_picks_the_start_among_each_solvers_best_on_the_training_
     mixture = GaussianMixture.random(8, 6, std=0.1)
     options = {"shape": (8, 8), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False,
                "start_solvers": ("euler",)}
-    solver = fit_bespoke(mixture, 4, held_out=512, **options)
+    solver = fit_bespoke(mixture, 4, held_out=512, focus_search=0, **options)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (8, 512)]
     references = [reference_solution(mixture, z * 80.0, 0.002, 80.0, 20) for z in batches]
     starts = []
-    for sigmas in [*candidate_schedules(4, 0.002, 80.0), *focused_candidates(4, 0.002, 80.0)]:
+    grid = [focus.sigmas(4, 80.0) for focus in focus_grid(4, 0.002, 80.0)]
+    for sigmas in [*candidate_schedules(4, 0.002, 80.0), *grid]:
         logits = torch.as_tensor(_logits_from_sigmas(sigmas.double(), 0.002, 80.0))
         start = BespokeSolver.from_solver("euler", _sigmas_from_logits(logits, 0.002, 80.0))
         starts.append([rmse(start(mixture, z * start.sigmas[0]), ref) for z, ref in zip(batches, references)])
@@ -188,14 +197,14 @@ def test_held_out_batch_picks_the_start_among_each_solvers_best_on_the_training_
     assert shortlist[0][1] > min(held for _, held in shortlist)  # not the best start on the training batch
 
 
-def test_focused_candidates_cover_the_grid_within_the_range():
-    grid = focused_candidates(6, 0.002, 80.0)
-    assert len(grid) == 180 and all(len(sigmas) == 7 and sigmas[0] == 80.0 and sigmas[-1] == 0 for sigmas in grid)
-    assert sorted({round(sigmas[-2].item(), 9) for sigmas in grid}) == [0.002, 0.01, 0.03, 0.1]
+def test_focus_grid_covers_the_grid_within_the_range():
+    grid = focus_grid(6, 0.002, 80.0)
+    assert len(grid) == 180 and all(len(f.sigmas(6, 80.0)) == 7 and f.sigmas(6, 80.0)[0] == 80.0 for f in grid)
+    assert sorted({round(focus.sigmas(6, 80.0)[-2].item(), 9) for focus in grid}) == [0.002, 0.01, 0.03, 0.1]
     # the last evaluation stays below the centre: with sigma_min = 0.02, 1 and 0.75 (50x, 15x) drop out for some
-    assert all(sigmas[-2] < 2.5 for sigmas in focused_candidates(6, 0.02, 80.0))
-    assert len(focused_candidates(6, 0.02, 80.0)) < 180
-    assert focused_candidates(1, 0.002, 80.0) == []  # one step: all would be (sigma_max, 0), as karras(1) is
+    assert all(focus.last < focus.center for focus in focus_grid(6, 0.02, 80.0))
+    assert len(focus_grid(6, 0.02, 80.0)) < 180
+    assert focus_grid(1, 0.002, 80.0) == []  # one step: all would be (sigma_max, 0), as karras(1) is
 
 
 def test_focused_schedules_are_starts_unless_turned_off():
@@ -211,7 +220,43 @@ def test_focused_schedules_are_starts_unless_turned_off():
         sigmas = torch.tensor(solver.sigmas, dtype=torch.float64)
         return any(torch.allclose(sigmas, c, rtol=1e-9, atol=0) for c in represented(candidates))
 
-    focused, unfocused = fit_bespoke(mixture, 6, **options), fit_bespoke(mixture, 6, focused=False, **options)
-    assert among(focused, focused_candidates(6, 0.002, 80.0))  # here a focused schedule is the best start
+    grid, unfocused = (fit_bespoke(mixture, 6, focus_search=0, **options),
+                       fit_bespoke(mixture, 6, focused=False, **options))
+    assert among(grid, [focus.sigmas(6, 80.0) for focus in focus_grid(6, 0.002, 80.0)])  # a focused start is best
     assert among(unfocused, candidate_schedules(6, 0.002, 80.0))
-    assert unfocused.info["initial_held_out_rmse"] > focused.info["initial_held_out_rmse"]
+    assert unfocused.info["initial_held_out_rmse"] > grid.info["initial_held_out_rmse"]
+
+    # The search around the best grid point finds a better schedule on the held-out batch, and says where from.
+    refined = fit_bespoke(mixture, 6, **options)
+    focus = Focus(**refined.info["focus"])
+    assert Focus(**refined.info["focus_grid_point"]) in focus_grid(6, 0.002, 80.0) and focus not in focus_grid(
+        6, 0.002, 80.0)
+    assert among(refined, [focus.sigmas(6, 80.0)])
+    assert refined.info["initial_held_out_rmse"] < grid.info["initial_held_out_rmse"]
+
+
+def test_refine_focus_finds_a_schedule_near_the_best_within_its_budget():
+    target = Focus(center=0.8, width=1.0, uniform=0.4, last=0.01)
+    calls = []
+
+    def error(sigmas):  # the mean squared log-distance of the steps from the target's
+        calls.append(sigmas)
+        return (sigmas[:-1].log() - target.sigmas(10, 80.0)[:-1].log()).square().mean().item()
+
+    start = Focus(center=1.0, width=0.8, uniform=0.5, last=0.01)
+    start_error = error(start.sigmas(10, 80.0))
+    focus, best = refine_focus(error, start, start_error, 10, 0.002, 80.0, max_evals=200)
+    assert best < start_error / 1000 and best == pytest.approx(error(focus.sigmas(10, 80.0)), rel=1e-12)
+    assert abs(math.log(focus.center / target.center)) < 0.01 and abs(math.log(focus.width / target.width)) < 0.01
+    assert abs(focus.uniform - target.uniform) < 0.01 and abs(math.log(focus.last / target.last)) < 0.01
+    assert focus.valid(0.002, 80.0)
+
+    calls.clear()
+    assert refine_focus(error, start, start_error, 10, 0.002, 80.0, max_evals=5)[1] < start_error
+    assert len(calls) == 5  # the budget holds mid-round
+    assert refine_focus(lambda sigmas: 1.0, start, 1.0, 10, 0.002, 80.0) == (start, 1.0)  # nothing better: the start
+
+
+def test_focus_search_must_not_be_negative():
+    with pytest.raises(ValueError, match="focus_search must be at least 0, got -1"):
+        fit_bespoke(GaussianMixture.ring(), 4, shape=(8, 2), focus_search=-1, cache=False)

@@ -54,14 +54,16 @@ from tqdm.auto import tqdm
 
 from difflab.evaluation import rmse
 from difflab.sampling.optimize import (
+    Focus,
     _logits_from_sigmas,
     _sigmas_from_logits,
     _write_cache,
     cache_location,
     cached,
     candidate_schedules,
-    focused_candidates,
+    focus_grid,
     reference_solution,
+    refine_focus,
 )
 from difflab.sampling.schedules import _check
 from difflab.sampling.solvers import SOLVERS
@@ -217,6 +219,7 @@ def fit_bespoke(
     start_solvers: Sequence[str] = tuple(LINEAR_SOLVERS),
     extra_starts: Sequence[tuple[str, torch.Tensor]] = (),
     focused: bool = True,
+    focus_search: int = 64,
     restarts: int = 1,
     held_out: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -233,10 +236,15 @@ def fit_bespoke(
     noises that end in another mode, which dominate the error, are too few in a training-sized batch to tell
     fits apart. A start is the pair of a solver from ``start_solvers`` (names of ``LINEAR_SOLVERS``) and a
     schedule (every candidate of the optimised schedule's search and, with ``focused``, the 180 schedules of
-    :func:`~difflab.sampling.optimize.focused_candidates`, which crowd their steps where the modes are
+    :func:`~difflab.sampling.optimize.focus_grid`, which crowd their steps where the modes are
     decided: five times the starts, each one forward pass of the training batch per evaluation), or one of
     the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts
-    on the training batch are compared on the held-out batch; the fit starts from the best of all, and with
+    on the training batch are compared on the held-out batch. With ``focused``, the best focused start on the
+    held-out batch (of each solver's best on the training batch) is then refined there by
+    :func:`~difflab.sampling.optimize.refine_focus`, with at most ``focus_search`` forward passes of the
+    held-out batch (0: none); the refined schedule replaces its solver's start if it is better on the held-out
+    batch (its ``info`` holds the ``focus`` and the ``focus_grid_point`` it came from). The fit starts from the
+    best start of all, and with
     ``restarts`` > 1 also from the best start of each of the next-best solvers, ``restarts`` fits in all.
     Each of up to ``steps`` L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is
     followed by the held-out error; the solver with the lowest held-out error over all fits is returned,
@@ -248,6 +256,8 @@ def fit_bespoke(
     _check(nfe, sigma_min, sigma_max)
     if restarts < 1:
         raise ValueError(f"restarts must be at least 1, got {restarts}")
+    if focus_search < 0:
+        raise ValueError(f"focus_search must be at least 0, got {focus_search}")
     if held_out is not None and held_out < 1:
         raise ValueError(f"held_out must be at least 1, got {held_out}")
     if cond and held_out not in (None, shape[0]):
@@ -256,11 +266,11 @@ def fit_bespoke(
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
     cond = cond or {}
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
-    start_key = ",".join(start_solvers) + ("" if focused else "|unfocused") + "".join(
+    start_key = ",".join(start_solvers) + (f"|search{focus_search}" if focused else "|unfocused") + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    # "bespoke-v4": focused schedules among the starts ("v3": starts picked on the held-out batch; "v2": the last
-    # step's weight on x)
-    key = (f"{key_id}|bespoke-v4|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v5": a search around the best focused start; "v4": focused schedules among the starts; "v3": starts
+    # picked on the held-out batch; "v2": the last step's weight on x
+    key = (f"{key_id}|bespoke-v5|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
            + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
@@ -273,29 +283,55 @@ def fit_bespoke(
     with torch.no_grad():
         target, held_out_target = (reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps,
                                                       **cond) for z in (noise, held_out_noise))
-        # Each candidate's steps as logits represent them, so that the start is exactly the closed-form solver.
-        schedules = candidate_schedules(nfe, sigma_min, sigma_max)
-        if focused:
-            schedules += focused_candidates(nfe, sigma_min, sigma_max)
-        pairs = [(name, sigmas) for name in start_solvers for sigmas in schedules]
-        starts = []
-        for name, sigmas in [*pairs, *extra_starts]:
+        def start_from(name: str, sigmas, focus: Focus | None = None) -> tuple[BespokeSolver, torch.Tensor]:
+            """The solver on ``sigmas`` as the step logits represent them, so that the start is exactly it."""
             z = torch.as_tensor(_logits_from_sigmas(torch.as_tensor(sigmas, dtype=torch.float64).cpu(), sigma_min,
                                                     sigma_max))
-            starts.append((BespokeSolver.from_solver(name, _sigmas_from_logits(z, sigma_min, sigma_max)), z))
+            start = BespokeSolver.from_solver(name, _sigmas_from_logits(z, sigma_min, sigma_max))
+            if focus is not None:
+                start.info["focus"] = asdict(focus)
+            return start, z
 
         def error(start: BespokeSolver, z: torch.Tensor, reference: torch.Tensor) -> float:
             if min(start.a[:-1], default=1.0) <= 0:  # alpha = log(a / decay) needs a > 0
                 return math.inf
             return rmse(start(denoiser, z * start.sigmas[0], **cond), reference)
 
+        held_out_errors: dict[int, float] = {}  # by id(start): the shortlists share some starts
+
+        def held_out_error(start: BespokeSolver) -> float:
+            if id(start) not in held_out_errors:
+                held_out_errors[id(start)] = error(start, held_out_noise, held_out_target)
+            return held_out_errors[id(start)]
+
+        schedules = [(None, sigmas) for sigmas in candidate_schedules(nfe, sigma_min, sigma_max)]
+        if focused:
+            schedules += [(focus, focus.sigmas(nfe, sigma_max)) for focus in focus_grid(nfe, sigma_min, sigma_max)]
+        starts = [start_from(name, sigmas, focus) for name in start_solvers for focus, sigmas in schedules]
+        starts += [start_from(name, sigmas) for name, sigmas in extra_starts]
+
         # Each solver's SHORTLIST best starts on the training batch; the held-out batch picks among them.
         shortlists: dict[str, list] = {}
         for pair in sorted(starts, key=lambda pair: error(pair[0], noise, target)):
             shortlists.setdefault(pair[0].info["start"], []).append(pair)
-        best_of = [min((error(pair[0], held_out_noise, held_out_target), k, pair)
-                       for k, pair in enumerate(shortlist[:SHORTLIST])) for shortlist in shortlists.values()]
-        chosen = [(*pair, held) for held, _, pair in sorted(best_of, key=lambda item: item[:2])[:restarts]]
+        best_of = {name: min((held_out_error(pair[0]), k, pair) for k, pair in enumerate(shortlist[:SHORTLIST]))
+                   for name, shortlist in shortlists.items()}
+        # The focused grid is coarse: search around the best focused start on the held-out batch (of each solver's
+        # SHORTLIST best focused starts on the training batch), where the few noises that end in another mode
+        # are enough to tell neighbouring schedules apart.
+        tops = [pair for shortlist in shortlists.values() for pair in
+                [pair for pair in shortlist if "focus" in pair[0].info][:SHORTLIST]] if focus_search > 0 else []
+        if tops:
+            top_error, _, (top, _) = min((held_out_error(pair[0]), k, pair) for k, pair in enumerate(tops))
+            name = top.info["start"]
+            focus, focus_error = refine_focus(lambda sigmas: held_out_error(start_from(name, sigmas)[0]),
+                                              Focus(**top.info["focus"]), top_error, nfe, sigma_min, sigma_max,
+                                              max_evals=focus_search)
+            if focus_error < best_of[name][0]:
+                refined, z = start_from(name, focus.sigmas(nfe, sigma_max), focus)
+                refined.info["focus_grid_point"] = top.info["focus"]
+                best_of[name] = (focus_error, -1, (refined, z))
+        chosen = [(*pair, held) for held, _, pair in sorted(best_of.values(), key=lambda item: item[:2])[:restarts]]
 
     def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         sigmas, a, b = params.coefficients()
@@ -308,7 +344,7 @@ def fit_bespoke(
     def fit(start: BespokeSolver, start_logits: torch.Tensor, start_error: float) -> BespokeSolver:
         params = _Parameters(start, start_logits, sigma_min, sigma_max)
 
-        def held_out_error() -> float:
+        def fit_held_out_error() -> float:
             with torch.no_grad():
                 return loss(params, held_out_noise, held_out_target).item()
 
@@ -323,7 +359,7 @@ def fit_bespoke(
         optimizer = _lbfgs(params)
         for step in range(1, steps + 1):
             train_error = optimizer.step(closure).item()  # the training error before this iteration
-            error = held_out_error()
+            error = fit_held_out_error()
             bar.update()
             bar.set_postfix(start=start.info["start"], train=f"{train_error:.2e}", held_out=f"{error:.2e}")
             if math.isfinite(error) and error < best_error:

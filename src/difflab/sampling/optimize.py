@@ -21,6 +21,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -73,17 +74,75 @@ FOCUS_CENTERS = (0.3, 0.6, 1.0, 1.5, 2.5)
 FOCUS_WIDTHS = (0.4, 0.8, 1.4)
 FOCUS_UNIFORM = (0.3, 0.5, 0.7)
 FOCUS_LAST = (1, 5, 15, 50)
+# The compass search's first steps in (log centre, log width, uniform share, log last sigma): about half the
+# grid's spacing, so that it reaches every point between a grid point and its neighbours.
+FOCUS_SEARCH_STEPS = (0.25, 0.3, 0.1, 0.6)
 
 
-def focused_candidates(steps: int, sigma_min: float, sigma_max: float) -> list[torch.Tensor]:
-    """The grid of :func:`~difflab.sampling.schedules.focused` schedules (180 where sigma_min is 0.002): every
-    centre, width and uniform share, ending at each multiple ``FOCUS_LAST`` of sigma_min below the centre.
-    None for one step, where every one of them is (sigma_max, 0), a closed-form candidate already."""
+@dataclass(frozen=True)
+class Focus:
+    """The parameters of a :func:`~difflab.sampling.schedules.focused` schedule; ``last`` is the last sigma
+    evaluated (its ``sigma_min``)."""
+
+    center: float
+    width: float
+    uniform: float
+    last: float
+
+    def sigmas(self, steps: int, sigma_max: float) -> torch.Tensor:
+        return focused(steps, self.last, sigma_max, center=self.center, width=self.width, uniform=self.uniform)
+
+    def valid(self, sigma_min: float, sigma_max: float) -> bool:
+        """Within the grid's bounds: a uniform share in [0, 1], the last sigma in [sigma_min, centre)."""
+        return 0 <= self.uniform <= 1 and sigma_min <= self.last < min(self.center, sigma_max)
+
+
+def focus_grid(steps: int, sigma_min: float, sigma_max: float) -> list[Focus]:
+    """The grid of focused schedules (180 where sigma_min is 0.002): every centre, width and uniform share,
+    ending at each multiple ``FOCUS_LAST`` of sigma_min below the centre. None for one step, where every one
+    of them is (sigma_max, 0), a closed-form candidate already."""
     if steps == 1:
         return []
-    return [focused(steps, last * sigma_min, sigma_max, center=center, width=width, uniform=share)
-            for center, width, share, last in itertools.product(FOCUS_CENTERS, FOCUS_WIDTHS, FOCUS_UNIFORM, FOCUS_LAST)
-            if last * sigma_min < min(center, sigma_max)]
+    grid = (Focus(center, width, share, last * sigma_min)
+            for center, width, share, last in itertools.product(FOCUS_CENTERS, FOCUS_WIDTHS, FOCUS_UNIFORM, FOCUS_LAST))
+    return [focus for focus in grid if focus.valid(sigma_min, sigma_max)]
+
+
+def refine_focus(
+    error: Callable[[torch.Tensor], float], start: Focus, start_error: float, steps: int, sigma_min: float,
+    sigma_max: float, max_evals: int = 64, halvings: int = 3,
+) -> tuple[Focus, float]:
+    """A compass search from ``start`` for the focused schedule with the lowest ``error(sigmas)``.
+
+    Each round tries one step up and one down in each of (log centre, log width, uniform share, log last
+    sigma), from ``FOCUS_SEARCH_STEPS``, and moves to the best if it beats the current point; a round
+    without a better point halves the steps, ``halvings`` times at most. Stops after ``max_evals`` errors.
+    Returns the best schedule's parameters and error (``start`` and ``start_error`` if none beats them).
+    """
+    point = np.array([math.log(start.center), math.log(start.width), start.uniform, math.log(start.last)])
+    step = np.array(FOCUS_SEARCH_STEPS)
+    best, best_error, evals = start, start_error, 0
+    seen = {tuple(point.round(9))}  # none of these beats the current point
+    while evals < max_evals:
+        trials = []
+        for axis, sign in itertools.product(range(4), (1, -1)):
+            moved = point.copy()
+            moved[axis] += sign * step[axis]
+            focus = Focus(math.exp(moved[0]), math.exp(moved[1]), float(moved[2]), math.exp(moved[3]))
+            if tuple(moved.round(9)) in seen or not focus.valid(sigma_min, sigma_max) or evals == max_evals:
+                continue
+            seen.add(tuple(moved.round(9)))
+            trials.append((error(focus.sigmas(steps, sigma_max)), axis, sign, focus, moved))
+            evals += 1
+        trial = min(trials, key=lambda trial: trial[:3], default=None)
+        if trial is not None and trial[0] < best_error:
+            best_error, _, _, best, point = trial
+        elif halvings > 0:
+            halvings -= 1
+            step = step / 2
+        else:
+            break
+    return best, best_error
 
 
 def default_cache_path() -> Path:
