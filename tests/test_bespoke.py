@@ -260,3 +260,12 @@ def test_refine_focus_finds_a_schedule_near_the_best_within_its_budget():
 def test_focus_search_must_not_be_negative():
     with pytest.raises(ValueError, match="focus_search must be at least 0, got -1"):
         fit_bespoke(GaussianMixture.ring(), 4, shape=(8, 2), focus_search=-1, cache=False)
+
+
+def test_each_fit_starts_from_its_own_refined_focused_schedule():
+    mixture = GaussianMixture.ring()
+    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False,
+               "start_solvers": ("unipc3", "euler"), "restarts": 2}
+    grid, refined = fit_bespoke(mixture, 6, focus_search=0, **options), fit_bespoke(mixture, 6, **options)
+    assert grid.info["restarts"].keys() == refined.info["restarts"].keys() == {"unipc3", "euler"}
+    assert all(refined.info["restarts"][name] < grid.info["restarts"][name] for name in ("unipc3", "euler"))

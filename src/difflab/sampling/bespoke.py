@@ -239,13 +239,13 @@ def fit_bespoke(
     :func:`~difflab.sampling.optimize.focus_grid`, which crowd their steps where the modes are
     decided: five times the starts, each one forward pass of the training batch per evaluation), or one of
     the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts
-    on the training batch are compared on the held-out batch. With ``focused``, the best focused start on the
-    held-out batch (of each solver's best on the training batch) is then refined there by
-    :func:`~difflab.sampling.optimize.refine_focus`, with at most ``focus_search`` forward passes of the
-    held-out batch (0: none); the refined schedule replaces its solver's start if it is better on the held-out
-    batch (its ``info`` holds the ``focus`` and the ``focus_grid_point`` it came from). The fit starts from the
-    best start of all, and with
-    ``restarts`` > 1 also from the best start of each of the next-best solvers, ``restarts`` fits in all.
+    on the training batch are compared on the held-out batch. With ``focused``, so are its ``SHORTLIST`` best
+    focused ones; the ``restarts`` best of the solvers' best focused starts on the held-out batch are refined
+    there by :func:`~difflab.sampling.optimize.refine_focus`, with at most ``focus_search`` forward passes of
+    the held-out batch each (0: none), and a refined schedule replaces its solver's start if it is better on
+    the held-out batch (its ``info`` holds the ``focus`` and the ``focus_grid_point`` it came from). The fit
+    starts from the best start of all, and with ``restarts`` > 1 also from the best start of each of the
+    next-best solvers, ``restarts`` fits in all.
     Each of up to ``steps`` L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is
     followed by the held-out error; the solver with the lowest held-out error over all fits is returned,
     and a fit stops after ``patience`` iterations without a new lowest of its own. Restarts pay because the
@@ -268,9 +268,9 @@ def fit_bespoke(
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + (f"|search{focus_search}" if focused else "|unfocused") + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    # "bespoke-v5": a search around the best focused start; "v4": focused schedules among the starts; "v3": starts
-    # picked on the held-out batch; "v2": the last step's weight on x
-    key = (f"{key_id}|bespoke-v5|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v6": a search around each fit's focused start ("v5": around the best one only); "v4": focused
+    # schedules among the starts; "v3": starts picked on the held-out batch; "v2": the last step's weight on x
+    key = (f"{key_id}|bespoke-v6|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
            + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
@@ -316,13 +316,16 @@ def fit_bespoke(
             shortlists.setdefault(pair[0].info["start"], []).append(pair)
         best_of = {name: min((held_out_error(pair[0]), k, pair) for k, pair in enumerate(shortlist[:SHORTLIST]))
                    for name, shortlist in shortlists.items()}
-        # The focused grid is coarse: search around the best focused start on the held-out batch (of each solver's
-        # SHORTLIST best focused starts on the training batch), where the few noises that end in another mode
-        # are enough to tell neighbouring schedules apart.
-        tops = [pair for shortlist in shortlists.values() for pair in
-                [pair for pair in shortlist if "focus" in pair[0].info][:SHORTLIST]] if focus_search > 0 else []
-        if tops:
-            top_error, _, (top, _) = min((held_out_error(pair[0]), k, pair) for k, pair in enumerate(tops))
+        # The focused grid is coarse: search around the best focused starts on the held-out batch, where the few
+        # noises that end in another mode are enough to tell neighbouring schedules apart. Each solver's best
+        # (on the held-out batch, of its SHORTLIST best focused starts on the training batch); the `restarts`
+        # best of those are refined, one for each fit.
+        tops = []
+        for k, shortlist in enumerate(shortlists.values()):
+            candidates = [pair for pair in shortlist if "focus" in pair[0].info][:SHORTLIST]
+            if candidates and focus_search > 0:
+                tops.append(min((held_out_error(pair[0]), k, j, pair) for j, pair in enumerate(candidates)))
+        for top_error, *_, (top, _) in sorted(tops, key=lambda item: item[:3])[:restarts]:
             name = top.info["start"]
             focus, focus_error = refine_focus(lambda sigmas: held_out_error(start_from(name, sigmas)[0]),
                                               Focus(**top.info["focus"]), top_error, nfe, sigma_min, sigma_max,
