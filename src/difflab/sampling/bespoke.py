@@ -239,13 +239,12 @@ def fit_bespoke(
     :func:`~difflab.sampling.optimize.focus_grid`, which crowd their steps where the modes are
     decided: five times the starts, each one forward pass of the training batch per evaluation), or one of
     the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts
-    on the training batch are compared on the held-out batch. With ``focused``, so are its ``SHORTLIST`` best
-    focused ones; the ``restarts`` best of the solvers' best focused starts on the held-out batch are refined
-    there by :func:`~difflab.sampling.optimize.refine_focus`, with at most ``focus_search`` forward passes of
-    the held-out batch each (0: none), and a refined schedule replaces its solver's start if it is better on
-    the held-out batch (its ``info`` holds the ``focus`` and the ``focus_grid_point`` it came from). The fit
-    starts from the best start of all, and with ``restarts`` > 1 also from the best start of each of the
-    next-best solvers, ``restarts`` fits in all.
+    on the training batch are compared on the held-out batch; the fit starts from the best of all, and with
+    ``restarts`` > 1 also from the best start of each of the next-best solvers. With ``focused`` and
+    ``focus_search`` > 0, one more fit starts from the best focused start on the held-out batch (of each
+    solver's ``SHORTLIST`` best focused ones on the training batch), refined there by
+    :func:`~difflab.sampling.optimize.refine_focus` with at most ``focus_search`` forward passes of the
+    held-out batch; its ``info`` holds the ``focus`` and the ``focus_grid_point`` it came from.
     Each of up to ``steps`` L-BFGS iterations (20 evaluations of the full-batch loss and its gradient) is
     followed by the held-out error; the solver with the lowest held-out error over all fits is returned,
     and a fit stops after ``patience`` iterations without a new lowest of its own. Restarts pay because the
@@ -268,9 +267,10 @@ def fit_bespoke(
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + (f"|search{focus_search}" if focused else "|unfocused") + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    # "bespoke-v6": a search around each fit's focused start ("v5": around the best one only); "v4": focused
-    # schedules among the starts; "v3": starts picked on the held-out batch; "v2": the last step's weight on x
-    key = (f"{key_id}|bespoke-v6|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v7": one more fit, from the best focused start refined ("v5", "v6": the refined starts replaced
+    # their solvers'); "v4": focused schedules among the starts; "v3": starts picked on the held-out batch; "v2":
+    # the last step's weight on x
+    key = (f"{key_id}|bespoke-v7|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
            + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
@@ -316,25 +316,24 @@ def fit_bespoke(
             shortlists.setdefault(pair[0].info["start"], []).append(pair)
         best_of = {name: min((held_out_error(pair[0]), k, pair) for k, pair in enumerate(shortlist[:SHORTLIST]))
                    for name, shortlist in shortlists.items()}
-        # The focused grid is coarse: search around the best focused starts on the held-out batch, where the few
-        # noises that end in another mode are enough to tell neighbouring schedules apart. Each solver's best
-        # (on the held-out batch, of its SHORTLIST best focused starts on the training batch); the `restarts`
-        # best of those are refined, one for each fit.
-        tops = []
-        for k, shortlist in enumerate(shortlists.values()):
-            candidates = [pair for pair in shortlist if "focus" in pair[0].info][:SHORTLIST]
-            if candidates and focus_search > 0:
-                tops.append(min((held_out_error(pair[0]), k, j, pair) for j, pair in enumerate(candidates)))
-        for top_error, *_, (top, _) in sorted(tops, key=lambda item: item[:3])[:restarts]:
+        chosen = [(*pair, held) for held, _, pair in sorted(best_of.values(), key=lambda item: item[:2])[:restarts]]
+        # The focused grid is coarse: search around the best focused start on the held-out batch (of each solver's
+        # SHORTLIST best focused ones on the training batch), where the few noises that end in another mode are
+        # enough to tell neighbouring schedules apart, and fit from the refined start too. As an extra fit, not
+        # in place of its solver's start: a start's error is not where its fit ends, and fits from closed-form
+        # starts often end lower than any focused start.
+        tops = [pair for shortlist in shortlists.values() for pair in
+                [pair for pair in shortlist if "focus" in pair[0].info][:SHORTLIST]] if focus_search > 0 else []
+        if tops:
+            top_error, _, (top, _) = min((held_out_error(pair[0]), k, pair) for k, pair in enumerate(tops))
             name = top.info["start"]
             focus, focus_error = refine_focus(lambda sigmas: held_out_error(start_from(name, sigmas)[0]),
                                               Focus(**top.info["focus"]), top_error, nfe, sigma_min, sigma_max,
                                               max_evals=focus_search)
-            if focus_error < best_of[name][0]:
+            if focus_error < top_error or all(start is not top for start, *_ in chosen):  # not a fit already
                 refined, z = start_from(name, focus.sigmas(nfe, sigma_max), focus)
                 refined.info["focus_grid_point"] = top.info["focus"]
-                best_of[name] = (focus_error, -1, (refined, z))
-        chosen = [(*pair, held) for held, _, pair in sorted(best_of.values(), key=lambda item: item[:2])[:restarts]]
+                chosen.append((refined, z, focus_error))
 
     def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         sigmas, a, b = params.coefficients()
@@ -379,7 +378,8 @@ def fit_bespoke(
     fits = [fit(*start) for start in chosen]
     bar.close()
     solver = min(fits, key=lambda fitted: fitted.info["held_out_rmse"])
-    solver.info["restarts"] = {fitted.info["start"]: fitted.info["held_out_rmse"] for fitted in fits}
+    solver.info["restarts"] = {fitted.info["start"] + (" (refined focus)" if "focus_grid_point" in fitted.info else ""):
+                               fitted.info["held_out_rmse"] for fitted in fits}
     if path is not None:
         _write_cache(path, key, solver.to_dict())
     return solver
