@@ -267,10 +267,10 @@ def fit_bespoke(
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + (f"|search{focus_search}" if focused else "|unfocused") + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    # "bespoke-v7": one more fit, from the best focused start refined ("v5", "v6": the refined starts replaced
-    # their solvers'); "v4": focused schedules among the starts; "v3": starts picked on the held-out batch; "v2":
-    # the last step's weight on x
-    key = (f"{key_id}|bespoke-v7|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v8": v7 without stale held-out errors in the search; "v7": one more fit, from the best focused start
+    # refined ("v5", "v6": the refined starts replaced their solvers'); "v4": focused schedules among the starts;
+    # "v3": starts picked on the held-out batch; "v2": the last step's weight on x
+    key = (f"{key_id}|bespoke-v8|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
            + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
@@ -297,12 +297,14 @@ def fit_bespoke(
                 return math.inf
             return rmse(start(denoiser, z * start.sigmas[0], **cond), reference)
 
-        held_out_errors: dict[int, float] = {}  # by id(start): the shortlists share some starts
+        # By id(start), the start kept alive beside its error so that its id is not reused: the shortlists share
+        # some starts.
+        held_out_errors: dict[int, tuple[BespokeSolver, float]] = {}
 
         def held_out_error(start: BespokeSolver) -> float:
             if id(start) not in held_out_errors:
-                held_out_errors[id(start)] = error(start, held_out_noise, held_out_target)
-            return held_out_errors[id(start)]
+                held_out_errors[id(start)] = start, error(start, held_out_noise, held_out_target)
+            return held_out_errors[id(start)][1]
 
         schedules = [(None, sigmas) for sigmas in candidate_schedules(nfe, sigma_min, sigma_max)]
         if focused:
@@ -327,7 +329,8 @@ def fit_bespoke(
         if tops:
             top_error, _, (top, _) = min((held_out_error(pair[0]), k, pair) for k, pair in enumerate(tops))
             name = top.info["start"]
-            focus, focus_error = refine_focus(lambda sigmas: held_out_error(start_from(name, sigmas)[0]),
+            focus, focus_error = refine_focus(lambda sigmas: error(start_from(name, sigmas)[0], held_out_noise,
+                                                                   held_out_target),
                                               Focus(**top.info["focus"]), top_error, nfe, sigma_min, sigma_max,
                                               max_evals=focus_search)
             if focus_error < top_error or all(start is not top for start, *_ in chosen):  # not a fit already
