@@ -233,6 +233,11 @@ def test_focused_schedules_are_starts_unless_turned_off():
         6, 0.002, 80.0)
     assert among(refined, [focus.sigmas(6, 80.0)])
     assert refined.info["initial_held_out_rmse"] < grid.info["initial_held_out_rmse"]
+    g = torch.Generator().manual_seed(0)  # the held-out batch is the second draw of the fit's seed
+    noise = torch.randn(2, 64, 2, generator=g, dtype=torch.float64)[1]
+    reference = reference_solution(mixture, noise * 80.0, 0.002, 80.0, 20)
+    error = rmse(refined(mixture, noise * refined.sigmas[0]), reference)
+    assert error == pytest.approx(refined.info["initial_held_out_rmse"], rel=1e-9)  # what the search measured
 
 
 def test_refine_focus_finds_a_schedule_near_the_best_within_its_budget():
