@@ -283,6 +283,7 @@ def fit_bespoke(
     with torch.no_grad():
         target, held_out_target = (reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps,
                                                       **cond) for z in (noise, held_out_noise))
+
         def start_from(name: str, sigmas, focus: Focus | None = None) -> tuple[BespokeSolver, torch.Tensor]:
             """The solver on ``sigmas`` as the step logits represent them, so that the start is exactly it."""
             z = torch.as_tensor(_logits_from_sigmas(torch.as_tensor(sigmas, dtype=torch.float64).cpu(), sigma_min,
