@@ -19,6 +19,7 @@ FSDP's mixed-precision policy follows ``train.precision`` (bf16 gathered weights
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from difflab.models.factory import blocks
+
+GLOO_DRAIN_SECONDS = 0.2  # see close_world
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,14 @@ def init_world() -> World:
 
 
 def close_world(world: World) -> None:
+    """Leave the process group. Under gloo, a worker thread frees a finished collective's tensors after its
+    ``wait()`` returns, and that needs the GIL; were the group destroyed in that moment (its destructor joins
+    the workers while holding the GIL), the process would hang at exit. A last barrier, then a pause with the
+    GIL released, lets the workers finish first."""
     if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        if dist.get_backend() == "gloo":
+            time.sleep(GLOO_DRAIN_SECONDS)
         dist.destroy_process_group()
 
 
