@@ -199,11 +199,11 @@ def test_held_out_batch_picks_the_start_among_each_solvers_best_on_the_training_
 
 def test_focus_grid_covers_the_grid_within_the_range():
     grid = focus_grid(6, 0.002, 80.0)
-    assert len(grid) == 180 and all(len(f.sigmas(6, 80.0)) == 7 and f.sigmas(6, 80.0)[0] == 80.0 for f in grid)
+    assert len(grid) == 252 and all(len(f.sigmas(6, 80.0)) == 7 and f.sigmas(6, 80.0)[0] == 80.0 for f in grid)
     assert sorted({round(focus.sigmas(6, 80.0)[-2].item(), 9) for focus in grid}) == [0.002, 0.01, 0.03, 0.1]
     # the last evaluation stays below the centre: with sigma_min = 0.02, 1 and 0.75 (50x, 15x) drop out for some
     assert all(focus.last < focus.center for focus in focus_grid(6, 0.02, 80.0))
-    assert len(focus_grid(6, 0.02, 80.0)) < 180
+    assert len(focus_grid(6, 0.02, 80.0)) < 252
     assert focus_grid(1, 0.002, 80.0) == []  # one step: all would be (sigma_max, 0), as karras(1) is
 
 

@@ -235,7 +235,7 @@ def fit_bespoke(
     second. A held-out batch many times the training batch pays: it costs forward passes only, and the few
     noises that end in another mode, which dominate the error, are too few in a training-sized batch to tell
     fits apart. A start is the pair of a solver from ``start_solvers`` (names of ``LINEAR_SOLVERS``) and a
-    schedule (every candidate of the optimised schedule's search and, with ``focused``, the 180 schedules of
+    schedule (every candidate of the optimised schedule's search and, with ``focused``, the 252 schedules of
     :func:`~difflab.sampling.optimize.focus_grid`, which crowd their steps where the modes are
     decided: five times the starts, each one forward pass of the training batch per evaluation), or one of
     the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts
@@ -267,10 +267,11 @@ def fit_bespoke(
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + (f"|search{focus_search}" if focused else "|unfocused") + "".join(
         f"|{name}:" + ",".join(f"{v:.6g}" for v in torch.as_tensor(sigmas).tolist()) for name, sigmas in extra_starts)
-    # "bespoke-v8": v7 without stale held-out errors in the search; "v7": one more fit, from the best focused start
-    # refined ("v5", "v6": the refined starts replaced their solvers'); "v4": focused schedules among the starts;
-    # "v3": starts picked on the held-out batch; "v2": the last step's weight on x
-    key = (f"{key_id}|bespoke-v8|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
+    # "bespoke-v9": the focused grid's centres reach 6.5; "v8": v7 without stale held-out errors in the search;
+    # "v7": one more fit, from the best focused start refined ("v5", "v6": the refined starts replaced their
+    # solvers'); "v4": focused schedules among the starts; "v3": starts picked on the held-out batch; "v2": the
+    # last step's weight on x
+    key = (f"{key_id}|bespoke-v9|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
            + (f"|held{held_out}" if held_out is not None else ""))
     stored = cached(path, key)
