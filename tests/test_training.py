@@ -311,6 +311,23 @@ def test_compile_and_activation_checkpointing_are_config_flags(tmp_path):
                                np.array(losses(tmp_path / "plain"), float), rtol=1e-4)
 
 
+@pytest.mark.parametrize("clean", [True, False])
+def test_close_world_ends_with_a_barrier_only_when_clean(monkeypatch, tmp_path, clean):
+    """A clean exit waits for the others (and gloo's workers); after an error another process may be inside a
+    collective that a barrier would never match, so the group is left at once."""
+    import torch.distributed as dist
+
+    from difflab.training import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: calls.append(seconds))
+    distributed.close_world(distributed.World(0, 2, torch.device("cpu")), clean=clean)
+    assert not dist.is_initialized()
+    assert calls == (["barrier", distributed.GLOO_DRAIN_SECONDS] if clean else [])
+
+
 def test_distributed_settings_that_cannot_work_are_one_line_errors():
     from difflab.training.distributed import World, shard_mesh, wrap
 

@@ -453,9 +453,12 @@ def _sampling_world(work):
         args.no_progress = args.no_progress or not world.main
         try:
             with contextlib.nullcontext() if world.main else contextlib.redirect_stdout(io.StringIO()):
-                return work(args, world)
-        finally:
-            close_world(world)
+                code = work(args, world)
+        except BaseException:
+            close_world(world, clean=False)
+            raise
+        close_world(world)
+        return code
 
     return run
 

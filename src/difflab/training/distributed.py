@@ -77,15 +77,17 @@ def init_world() -> World:
     return World(dist.get_rank() if size > 1 else 0, size, device)
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, clean: bool = True) -> None:
     """Leave the process group. Under gloo, a worker thread frees a finished collective's tensors after its
     ``wait()`` returns, and that needs the GIL; were the group destroyed in that moment (its destructor joins
-    the workers while holding the GIL), the process would hang at exit. A last barrier, then a pause with the
-    GIL released, lets the workers finish first."""
+    the workers while holding the GIL), the process would hang at exit. So a ``clean`` exit ends with a barrier
+    and a pause with the GIL released, which lets the workers finish first. After an error (``clean=False``)
+    another process may be inside a collective that will never match a barrier: leave at once."""
     if world.size > 1 and dist.is_initialized():
-        dist.barrier()
-        if dist.get_backend() == "gloo":
-            time.sleep(GLOO_DRAIN_SECONDS)
+        if clean:
+            dist.barrier()
+            if dist.get_backend() == "gloo":
+                time.sleep(GLOO_DRAIN_SECONDS)
         dist.destroy_process_group()
 
 
