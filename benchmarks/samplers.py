@@ -75,14 +75,15 @@ def run_case(name: str, args, peers: dict) -> dict:
     rows = []
     squared_errors = {}  # (budget, config) -> each sample's mean squared error, for the ratio's interval
 
-    def record(side: str, config: str, x0, nfe_used: int, budget: int, seconds: float, stochastic: bool):
+    def record(side: str, config: str, x0, nfe_used: int, budget: int, seconds: float, stochastic: bool,
+               **details):
         squared = (x0.double() - reference).flatten(1).square().mean(1)
         squared_errors[budget, config] = squared
         rows.append({"side": side, "config": config, "nfe_budget": budget, "nfe": nfe_used,
                      "stochastic": stochastic, "rmse": rmse(x0, reference),
                      "median_error": squared.sqrt().median().item(),
                      "mmd": mmd(x0[:len(exact)], exact, bandwidths) if torch.isfinite(x0).all() else math.inf,
-                     "seconds": round(seconds, 3)})
+                     "seconds": round(seconds, 3), **details})
 
     solvers = [s for s in SOLVERS if re.search(args.solvers, s)]
     for budget in args.nfe:
@@ -112,9 +113,12 @@ def run_case(name: str, args, peers: dict) -> dict:
             bespoke = fit_bespoke(mixture, budget, SIGMA_MIN, SIGMA_MAX, shape=(args.bespoke_samples, *shape),
                                   dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}",
                                   restarts=args.restarts, held_out=args.bespoke_held_out, steps=args.bespoke_steps,
+                                  focus_search=args.focus_search,
                                   extra_starts=[(s, sigmas) for s, sigmas in optimized if s in LINEAR_SOLVERS])
             x0 = bespoke(mixture, noise * bespoke.sigmas[0])
-            record("difflab", "bespoke", x0, bespoke.nfe, budget, time.perf_counter() - t0, False)
+            fit = {k: bespoke.info[k] for k in ("start", "held_out_rmse", "restarts", "focus", "focus_grid_point")
+                   if k in bespoke.info}
+            record("difflab", "bespoke", x0, bespoke.nfe, budget, time.perf_counter() - t0, False, fit=fit)
         for peer_name, runner in peers.items():
             result = run_peer(runner, mixture, noise, budget, SIGMA_MIN, SIGMA_MAX)
             if result.x0 is None:
@@ -265,6 +269,8 @@ def main(argv=None) -> int:
                         help="held-out noise samples that judge the bespoke fits (default: --bespoke-samples)")
     parser.add_argument("--bespoke-steps", type=_at_least(0), default=30,
                         help="L-BFGS iterations of each bespoke fit (each ends early after 5 without a new best)")
+    parser.add_argument("--focus-search", type=_at_least(0), default=64,
+                        help="forward passes of the held-out batch the search around the best focused start may use")
     parser.add_argument("--restarts", type=_at_least(1), default=4,
                         help="bespoke fits from the best start of this many solvers; the best held out is kept")
     parser.add_argument("--cache", type=Path, default=Path("out/bench-cache/optimized_schedules.json"))

@@ -29,7 +29,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     samplers_module.main([
         "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|dpmpp_2m)$", "--peers", "DPMSolverMultistep",
         "--samples", "200", "--search-samples", "64", "--bespoke-samples", "64", "--bespoke-held-out", "256",
-        "--bespoke-steps", "2", "--reference-steps", "200",
+        "--bespoke-steps", "2", "--reference-steps", "200", "--focus-search", "4",
         "--json", str(out), "--plots", str(tmp_path), "--cache", str(tmp_path / "cache.json"),
         "--markdown", str(tmp_path / "table.md"),
     ])
@@ -46,6 +46,9 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     assert "| 5 | " in (tmp_path / "table.md").read_text()
     (fit,) = [entry for key, entry in json.loads((tmp_path / "cache.json").read_text()).items() if "bespoke" in key]
     assert fit["info"]["steps_run"] <= 2  # --bespoke-steps
+    (row,) = [row for row in result["rows"] if row["config"] == "bespoke"]
+    assert row["fit"]["start"] == fit["info"]["start"] and row["fit"]["restarts"] == fit["info"]["restarts"]
+    assert "|search4|" in next(key for key in json.loads((tmp_path / "cache.json").read_text()) if "bespoke" in key)
 
 
 @pytest.mark.parametrize("args, message", [(["--cases", "nope"], "unknown case(s) nope"),
@@ -53,6 +56,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
                                            (["--restarts", "0"], "expected an integer >= 1, got '0'"),
                                            (["--bespoke-held-out", "0"], "expected an integer >= 1, got '0'"),
                                            (["--bespoke-steps", "-1"], "expected an integer >= 0, got '-1'"),
+                                           (["--focus-search", "-2"], "expected an integer >= 0, got '-2'"),
                                            (["--mmd-samples", "1"], "expected an integer >= 2, got '1'"),
                                            (["--samples", "many"], "expected an integer >= 2, got 'many'")])
 def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args, message):
