@@ -237,7 +237,7 @@ def fit_bespoke(
     fits apart. A start is the pair of a solver from ``start_solvers`` (names of ``LINEAR_SOLVERS``) and a
     schedule (every candidate of the optimised schedule's search and, with ``focused``, the 252 schedules of
     :func:`~difflab.sampling.optimize.focus_grid`, which crowd their steps where the modes are
-    decided: five times the starts, each one forward pass of the training batch per evaluation), or one of
+    decided: six times the starts, each one forward pass of the training batch per evaluation), or one of
     the (solver, sigmas) ``extra_starts`` (e.g. optimised schedules). Each solver's ``SHORTLIST`` best starts
     on the training batch are compared on the held-out batch; the fit starts from the best of all, and with
     ``restarts`` > 1 also from the best start of each of the next-best solvers. With ``focused`` and
