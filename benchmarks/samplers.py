@@ -112,8 +112,8 @@ def run_case(name: str, args, peers: dict) -> dict:
             t0 = time.perf_counter()
             bespoke = fit_bespoke(mixture, budget, SIGMA_MIN, SIGMA_MAX, shape=(args.bespoke_samples, *shape),
                                   dtype=torch.float64, seed=1, cache=args.cache, cache_key=f"bench-{name}",
-                                  restarts=args.restarts, held_out=args.bespoke_held_out, steps=args.bespoke_steps,
-                                  focus_search=args.focus_search,
+                                  restarts=args.restarts, held_out=args.bespoke_held_out, pool=args.bespoke_pool,
+                                  steps=args.bespoke_steps, focus_search=args.focus_search,
                                   extra_starts=[(s, sigmas) for s, sigmas in optimized if s in LINEAR_SOLVERS])
             x0 = bespoke(mixture, noise * bespoke.sigmas[0])
             fit = {k: bespoke.info[k] for k in ("start", "held_out_rmse", "restarts", "focus", "focus_grid_point")
@@ -267,6 +267,8 @@ def main(argv=None) -> int:
                         help="noise samples the bespoke solver is fitted on")
     parser.add_argument("--bespoke-held-out", type=_at_least(1), default=None,
                         help="held-out noise samples that judge the bespoke fits (default: --bespoke-samples)")
+    parser.add_argument("--bespoke-pool", type=_at_least(1), default=None,
+                        help="noises each bespoke fit mines its training batch from (default: none, a plain draw)")
     parser.add_argument("--bespoke-steps", type=_at_least(0), default=30,
                         help="L-BFGS iterations of each bespoke fit (each ends early after 5 without a new best)")
     parser.add_argument("--focus-search", type=_at_least(0), default=64,
@@ -282,6 +284,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.cases, args.nfe, args.solvers = "ring", [5, 10], "^(euler|dpmpp_2m|unipc)$"
         args.bespoke_samples = min(args.bespoke_samples, 512)
+    if args.bespoke_pool is not None and args.bespoke_pool < args.bespoke_samples:
+        parser.error(f"--bespoke-pool {args.bespoke_pool} is smaller than --bespoke-samples {args.bespoke_samples}")
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)
     if unknown:

