@@ -39,7 +39,7 @@ from difflab.control import merge_lora
 from difflab.control.finetune import finetune
 from difflab.control.pictures import edge_scores, sobel_edges
 from difflab.data import load_dataset
-from difflab.evaluation import frechet_distance
+from difflab.evaluation import frechet_distance, squared_errors
 from difflab.evaluation.features import FeatureExtractor, feature_network
 from difflab.evaluation.plots import save_image_grid
 from difflab.sampling import SOLVERS
@@ -61,7 +61,7 @@ def half_mask(which: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def per_image_psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return 10 * torch.log10(4 / (x.double() - y.double()).flatten(1).square().mean(1).clamp_min(1e-20))
+    return 10 * torch.log10(4 / squared_errors(x, y).clamp_min(1e-20))
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from difflab.diffusion import GaussianMixture  # noqa: E402
-from difflab.evaluation import mmd, rmse  # noqa: E402
+from difflab.evaluation import mmd, rmse, squared_errors  # noqa: E402
 from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
 from difflab.sampling.bespoke import LINEAR_SOLVERS, fit_bespoke  # noqa: E402
@@ -73,12 +73,12 @@ def run_case(name: str, args, peers: dict) -> dict:
           f"{reference_error:.1e} at half the steps; MMD between two exact sample sets {floor:.1e}", flush=True)
 
     rows = []
-    squared_errors = {}  # (budget, config) -> each sample's mean squared error, for the ratio's interval
+    errors_by_config = {}  # (budget, config) -> each sample's mean squared error, for the ratio's interval
 
     def record(side: str, config: str, x0, nfe_used: int, budget: int, seconds: float, stochastic: bool,
                **details):
-        squared = (x0.double() - reference).flatten(1).square().mean(1)
-        squared_errors[budget, config] = squared
+        squared = squared_errors(x0, reference)
+        errors_by_config[budget, config] = squared
         rows.append({"side": side, "config": config, "nfe_budget": budget, "nfe": nfe_used,
                      "stochastic": stochastic, "rmse": rmse(x0, reference),
                      "median_error": squared.sqrt().median().item(),
@@ -130,7 +130,7 @@ def run_case(name: str, args, peers: dict) -> dict:
             record(runner.library, peer_name, result.x0, result.nfe, budget, result.seconds, runner.stochastic)
         print(f"  NFE {budget:3d}: {len([r for r in rows if r['nfe_budget'] == budget])} configurations run",
               flush=True)
-    summary = summarise(rows, args.nfe, squared_errors)
+    summary = summarise(rows, args.nfe, errors_by_config)
     print_table(name, summary)
     return {"description": description, "mmd_floor": floor, "reference_half_steps_rmse": reference_error,
             "summary": summary, "rows": rows}
@@ -154,7 +154,7 @@ def ratio_interval(peer: torch.Tensor, ours: torch.Tensor, resamples: int = 2000
     return low, high
 
 
-def summarise(rows, budgets, squared_errors: dict | None = None) -> list[dict]:
+def summarise(rows, budgets, errors_by_config: dict | None = None) -> list[dict]:
     summary = []
     for budget in budgets:
         ours = best(rows, budget, lambda r: r["side"] == "difflab")
@@ -163,8 +163,8 @@ def summarise(rows, budgets, squared_errors: dict | None = None) -> list[dict]:
         by_library = {lib: best(rows, budget, lambda r, lib=lib: r["side"] == lib)
                       for lib in ("diffusers", "k-diffusion")}
         ratio = peer["rmse"] / ours["rmse"] if ours and peer else None
-        interval = (ratio_interval(squared_errors[budget, peer["config"]], squared_errors[budget, ours["config"]])
-                    if ratio and squared_errors else None)
+        interval = (ratio_interval(errors_by_config[budget, peer["config"]], errors_by_config[budget, ours["config"]])
+                    if ratio and errors_by_config else None)
         summary.append({"nfe": budget, "difflab": ours, "difflab_closed_form": closed, "peer": peer,
                         **{f"best_{lib}": row for lib, row in by_library.items()},
                         "peer_over_difflab": ratio, "ratio_interval_90": interval,

@@ -7,6 +7,11 @@ import math
 import torch
 
 
+def squared_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean squared difference of two batches, in float64: shape (batch,)."""
+    return (a.double() - b.double()).flatten(1).square().mean(1)
+
+
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Root-mean-square difference of two batches, in float64; inf when either is not finite."""
     value = (a.double() - b.double()).square().mean().sqrt().item()

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import torch
 
+from difflab.evaluation.distances import squared_errors
+
 # Pairwise distances are computed in blocks of at most this many entries (float64: 128 MiB).
 _BLOCK_ENTRIES = 1 << 24
 
@@ -94,7 +96,7 @@ def _psd_factor(cov: np.ndarray) -> np.ndarray:
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
     """Peak signal-to-noise ratio in dB, averaged over images: 10 log10(range^2 / MSE) per image ([-1, 1]: range 2)."""
-    mse = (x.double() - y.double()).flatten(1).square().mean(1).clamp_min(1e-20)
+    mse = squared_errors(x, y).clamp_min(1e-20)
     return float((10 * torch.log10(data_range**2 / mse)).mean())
 
 

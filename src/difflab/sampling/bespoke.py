@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab.evaluation import rmse
+from difflab.evaluation import rmse, squared_errors
 from difflab.sampling.optimize import (
     Focus,
     _logits_from_sigmas,
@@ -380,7 +380,7 @@ def fit_bespoke(
     def loss(params: _Parameters, z: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor | None = None):
         sigmas, a, b = params.coefficients()
         x0 = _integrate(denoiser, z * sigmas[0].to(z.dtype), sigmas, a, b, cond)
-        squared = (x0.double() - reference.double()).flatten(1).square().mean(1)
+        squared = squared_errors(x0, reference)
         return (squared.mean() if weights is None else squared @ weights).sqrt()
 
     def training_batch(start: BespokeSolver) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -388,8 +388,8 @@ def fit_bespoke(
         if pool is None:
             return noise, target, None
         with torch.no_grad():
-            errors = (start(denoiser, pool_noise * start.sigmas[0], **cond).double() - pool_target.double())
-        index, weights = mine(errors.flatten(1).square().mean(1), shape[0], g)
+            errors = squared_errors(start(denoiser, pool_noise * start.sigmas[0], **cond), pool_target)
+        index, weights = mine(errors, shape[0], g)
         return pool_noise[index], pool_target[index], weights
 
     bar = tqdm(total=steps * len(chosen), desc=f"fitting bespoke solver ({nfe} NFE)", disable=not progress,
