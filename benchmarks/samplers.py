@@ -85,7 +85,7 @@ def run_case(name: str, args, peers: dict) -> dict:
                      "mmd": mmd(x0[:len(exact)], exact, bandwidths) if torch.isfinite(x0).all() else math.inf,
                      "seconds": round(seconds, 3), **details})
 
-    solvers = [s for s in SOLVERS if re.search(args.solvers, s)]
+    solvers = [s for s in SOLVERS if re.search(args.solvers, s) and not (args.deterministic and s in STOCHASTIC)]
     for budget in args.nfe:
         optimized = []  # (solver, sigmas) of the optimised schedules: starting points for the bespoke solver
         for solver in solvers:
@@ -261,6 +261,8 @@ def main(argv=None) -> int:
                         help="RK4 steps of the reference solution")
     parser.add_argument("--solvers", default=".", help="regex selecting difflab solvers")
     parser.add_argument("--peers", default=".", help="regex selecting peers; 'none' for none")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="skip the stochastic samplers: they do not solve the ODE whose endpoint the RMSE measures")
     parser.add_argument("--no-optimized", action="store_true", help="skip the optimised schedule")
     parser.add_argument("--no-bespoke", action="store_true", help="skip the learned bespoke solver")
     parser.add_argument("--bespoke-samples", type=_at_least(1), default=4096,
@@ -292,7 +294,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
     torch.set_num_threads(1)
 
-    peers = {} if args.peers == "none" else {n: r for n, r in PEERS.items() if re.search(args.peers, n)}
+    peers = {} if args.peers == "none" else {n: r for n, r in PEERS.items()
+                                             if re.search(args.peers, n) and not (args.deterministic and r.stochastic)}
     results = {}
     for name in cases:
         results[name] = run_case(name, args, peers)

@@ -27,7 +27,8 @@ def samplers_module(monkeypatch):
 def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     out = tmp_path / "samplers.json"
     samplers_module.main([
-        "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|dpmpp_2m)$", "--peers", "DPMSolverMultistep",
+        "--cases", "ring", "--nfe", "5", "--solvers", "^(euler|euler_ancestral|dpmpp_2m)$", "--deterministic",
+        "--peers", "DPMSolverMultistep",
         "--samples", "200", "--search-samples", "64", "--bespoke-samples", "64", "--bespoke-held-out", "256",
         "--bespoke-pool", "512", "--bespoke-steps", "2", "--reference-steps", "200", "--focus-search", "4",
         "--json", str(out), "--plots", str(tmp_path), "--cache", str(tmp_path / "cache.json"),
@@ -39,6 +40,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     configs = {row["config"] for row in result["rows"]}
     assert {"euler+karras", "dpmpp_2m+optimized", "bespoke"} <= configs
     assert any(c.startswith("diffusers/DPMSolverMultistep") for c in configs)
+    assert not any(row["stochastic"] for row in result["rows"])  # --deterministic: no euler_ancestral, no (sde) peer
     assert all(row["nfe"] <= 5 for row in result["rows"])
     (summary,) = result["summary"]
     assert summary["difflab"]["rmse"] <= summary["difflab_closed_form"]["rmse"]
