@@ -72,6 +72,7 @@ def run_case(name: str, args, peers: dict) -> dict:
     print(f"\n== {name}: {description}; reference in {time.perf_counter() - start:.0f}s, changes by "
           f"{reference_error:.1e} at half the steps; MMD between two exact sample sets {floor:.1e}", flush=True)
 
+    reference_component = mixture.component(reference)
     rows = []
     errors_by_config = {}  # (budget, config) -> each sample's mean squared error, for the ratio's interval
 
@@ -82,6 +83,7 @@ def run_case(name: str, args, peers: dict) -> dict:
         rows.append({"side": side, "config": config, "nfe_budget": budget, "nfe": nfe_used,
                      "stochastic": stochastic, "rmse": rmse(x0, reference),
                      "median_error": squared.sqrt().median().item(),
+                     "switchers": int((mixture.component(x0) != reference_component).sum()),
                      "mmd": mmd(x0[:len(exact)], exact, bandwidths) if torch.isfinite(x0).all() else math.inf,
                      "seconds": round(seconds, 3), **details})
 

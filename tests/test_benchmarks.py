@@ -40,6 +40,7 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     configs = {row["config"] for row in result["rows"]}
     assert {"euler+karras", "dpmpp_2m+optimized", "bespoke"} <= configs
     assert any(c.startswith("diffusers/DPMSolverMultistep") for c in configs)
+    assert all(isinstance(row["switchers"], int) and 0 <= row["switchers"] <= 200 for row in result["rows"])
     assert not any(row["stochastic"] for row in result["rows"])  # --deterministic: no euler_ancestral, no (sde) peer
     assert all(row["nfe"] <= 5 for row in result["rows"])
     (summary,) = result["summary"]

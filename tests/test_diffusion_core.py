@@ -762,6 +762,16 @@ def test_gmm_ring_class_conditional(sigma):
         torch.testing.assert_close(out, mu, rtol=0, atol=1e-5)
 
 
+def test_gmm_component():
+    """A point near component k's mean belongs to k; at a large sigma the heaviest component wins."""
+    mix = GaussianMixture.ring(8, radius=1.0, std=0.05)
+    x = mix.means + 0.1 * torch.randn(8, 2, generator=gen(9), dtype=F64)
+    assert torch.equal(mix.component(x), torch.arange(8))
+    heavy = GaussianMixture(mix.means, 0.05, weights=torch.arange(1.0, 9.0))
+    assert torch.equal(heavy.component(x, sigma=1e3), torch.full((8,), 7))
+    assert torch.equal(heavy.component(x), torch.arange(8))
+
+
 def test_gmm_class_conditional_is_the_sub_mixture():
     """Conditioning on class c equals the denoiser of the mixture of class c's components alone."""
     mix = GaussianMixture.random(dim=4, components=16, seed=3)

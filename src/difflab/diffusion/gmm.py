@@ -130,6 +130,12 @@ class GaussianMixture:
         var = (self.stds.to(x.device).square() + sigma**2)[None, :].expand(flat.shape[0], -1)
         return self._log_joint(flat, var).logsumexp(-1)
 
+    def component(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+        """Each sample's most probable component (B,) under the mixture convolved with N(0, sigma^2 I)."""
+        flat = self._flat(x)
+        var = (self.stds.to(x.device).square() + sigma**2)[None, :].expand(flat.shape[0], -1)
+        return self._log_joint(flat, var).argmax(-1)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples, float64, shape (n, *sample_shape)."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
