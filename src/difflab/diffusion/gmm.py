@@ -126,15 +126,16 @@ class GaussianMixture:
 
     def log_prob(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """log p(x) of the mixture convolved with N(0, sigma^2 I), per sample."""
-        flat = self._flat(x)
-        var = (self.stds.to(x.device).square() + sigma**2)[None, :].expand(flat.shape[0], -1)
-        return self._log_joint(flat, var).logsumexp(-1)
+        return self._log_joint_at(x, sigma).logsumexp(-1)
 
     def component(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """Each sample's most probable component (B,) under the mixture convolved with N(0, sigma^2 I)."""
+        return self._log_joint_at(x, sigma).argmax(-1)
+
+    def _log_joint_at(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         flat = self._flat(x)
         var = (self.stds.to(x.device).square() + sigma**2)[None, :].expand(flat.shape[0], -1)
-        return self._log_joint(flat, var).argmax(-1)
+        return self._log_joint(flat, var)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples, float64, shape (n, *sample_shape)."""
