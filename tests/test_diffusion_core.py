@@ -770,6 +770,7 @@ def test_gmm_component():
     heavy = GaussianMixture(mix.means, 0.05, weights=torch.arange(1.0, 9.0))
     assert torch.equal(heavy.component(x, sigma=1e3), torch.full((8,), 7))
     assert torch.equal(heavy.component(x), torch.arange(8))
+    assert mix.component(torch.zeros(0, 2, dtype=F64)).shape == (0,)  # an empty batch
 
 
 def test_gmm_class_conditional_is_the_sub_mixture():

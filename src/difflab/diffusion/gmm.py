@@ -91,7 +91,7 @@ class GaussianMixture:
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"expected samples of shape {self.sample_shape}, got {tuple(x.shape[1:])}")
-        return x.reshape(x.shape[0], -1).to(torch.float64)
+        return x.reshape(x.shape[0], self.dim).to(torch.float64)
 
     def _log_joint(self, x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """log w_k + log N(x; mu_k, var_k I) for x (B, D) and variances var (B, K)."""
