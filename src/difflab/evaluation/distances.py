@@ -14,7 +14,7 @@ def squared_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Root-mean-square difference of two batches, in float64; inf when either is not finite."""
-    value = (a.double() - b.double()).square().mean().sqrt().item()
+    value = squared_errors(a, b).mean().sqrt().item()
     return value if math.isfinite(value) else math.inf
 
 
