@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from difflab.evaluation import cluster_features, frechet_distance, psnr, ssim
 from difflab.representation import encode_dataset
 from difflab.training import Trainer, resolve
 from difflab.training.run import draw, load_run
+from output import write_json
 
 ROOT = Path(__file__).parents[1]
 PIXEL_UNET = {"arch": "unet", "channels": 64, "channel_mult": [1, 2, 2], "blocks_per_level": 2,
@@ -161,13 +161,9 @@ def main(argv=None) -> int:
         print(f"{name:10s} {row['steps']:7d} {row['images_per_second']:9.0f} {row['frechet_distance']:7.2f}")
     print(f"latent training is {ratio:.1f}x cheaper per image; encoding the training set once took "
           f"{encode_seconds:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": " ".join(sys.argv), "held_out": len(held_out), "train": len(train_set),
-            "stage1": stage1, "generators": generators, "latent_over_pixel_images_per_second": ratio,
-            "encode_seconds": encode_seconds, "frechet_floor": floor}, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, {
+        "held_out": len(held_out), "train": len(train_set), "stage1": stage1, "generators": generators,
+        "latent_over_pixel_images_per_second": ratio, "encode_seconds": encode_seconds, "frechet_floor": floor})
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from difflab.evaluation.plots import save_image_grid
 from difflab.sampling import SOLVERS
 from difflab.training import Trainer, resolve
 from difflab.training.run import draw, invert_images, load_run
+from output import write_json
 
 ROOT = Path(__file__).parents[1]
 PANEL = 10  # examples per panel row
@@ -88,12 +88,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.base_steps, args.controlnet_steps, args.inpaint_steps, args.lora_steps, args.fd_n = 4, 2, 2, 2, 40
         images, labels = images[:20], labels[:20]
-    results: dict = {"command": " ".join(sys.argv), "device": f"CPU, {args.threads} threads", "n": len(images)}
+    results: dict = {"device": f"CPU, {args.threads} threads", "n": len(images)}
 
     def save() -> None:
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, quiet=True)
 
     base_dir = args.base
     if base_dir is None:

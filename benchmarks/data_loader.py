@@ -15,7 +15,6 @@ streaming trains as fast as memory, the loader is not the bottleneck.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from difflab.data import BatchLoader, ShardLoader, load_dataset
 from difflab.data.emoji import emoji_records
 from difflab.data.shards import preprocess, write_shards
 from difflab.data.sources import load_image, scan_folder, to_tensor
+from output import write_json
 
 RECIPES = {  # the model each data set trains in a recipe: digits.yaml's, and the 32x32 U-Net of models.py
     "digits": {"arch": "unet", "channels": 32, "channel_mult": [1, 2], "blocks_per_level": 2,
@@ -169,12 +169,8 @@ def main(argv=None) -> int:
         for row in (r for r in training if r["data"] == name):
             row["of_memory"] = row["samples_per_s"] / memory
             print(f"{name:8s} {row['source']:18s} {row['samples_per_s']:8.0f}  {row['of_memory']:5.2f}x of in-memory")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "loaders": loaders, "training": training,
-                                         "settings": {k: v for k, v in vars(args).items() if k != "json"}},
-                                        indent=1, default=str))
-        print(f"wrote {args.json}")
+    write_json(args.json, {"loaders": loaders, "training": training,
+                           "settings": {k: v for k, v in vars(args).items() if k != "json"}})
     return 0
 
 

@@ -20,7 +20,6 @@ epsilon target, AdamW lr 5e-4, batch 128, EMA 0.999 (diffusers' ``EMAModel``); s
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from difflab.sampling.generate import class_labels
 from difflab.training import Trainer, load_run_config
 from difflab.training.run import Run, draw
 from difflab.training.trainer import make_model
+from output import write_json
 
 ROOT = Path(__file__).parents[1]
 
@@ -233,10 +233,7 @@ def main(argv=None) -> dict:
     print_table(report)
     if args.plots:
         plot(report, args.plots / "digits_quality.png")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

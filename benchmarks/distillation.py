@@ -35,6 +35,7 @@ from difflab.sampling import SOLVERS
 from difflab.sampling.solvers import steps_for_nfe
 from difflab.training import Trainer, resolve
 from difflab.training.run import evaluate, load_run
+from output import write_json
 
 ROOT = Path(__file__).parents[1]
 TEACHER_SOLVERS = ("euler", "heun", "dpmpp_2m", "unipc")
@@ -102,13 +103,11 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
 
     def save(targets: dict) -> None:
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({
-                "command": " ".join(sys.argv), "device": device, "n": args.n, "teacher_minutes": teacher_minutes,
-                "teacher_steps": args.teacher_steps if args.teacher is None else None,
-                "stage_steps": args.stage_steps, "consistency_steps": args.consistency_steps,
-                "guidance_steps": args.guidance_steps, "rows": rows, "targets": targets}, indent=1))
+        write_json(args.json, {
+            "device": device, "n": args.n, "teacher_minutes": teacher_minutes,
+            "teacher_steps": args.teacher_steps if args.teacher is None else None, "stage_steps": args.stage_steps,
+            "consistency_steps": args.consistency_steps, "guidance_steps": args.guidance_steps, "rows": rows,
+            "targets": targets}, quiet=True)
 
     samples = {}
 

@@ -12,7 +12,6 @@ al. 2024 suggest, "a less-trained version of the model"). Every setting is score
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from difflab.evaluation.plots import plot_sweep
 from difflab.guidance import GuidanceConfig
 from difflab.training import Trainer, resolve
 from difflab.training.run import evaluate, load_run
+from output import write_json
 
 ROOT = Path(__file__).parents[1]
 METRICS = ("frechet_distance", "precision", "recall", "class_accuracy")
@@ -83,13 +83,8 @@ def main(argv=None) -> int:
     picture = plot_sweep(rows, "guidance", [m for m in METRICS if m in rows[0]], args.plot,
                          title=f"digits, {args.steps} steps; autoguidance from step {args.weak_steps}")
     print(f"figure: {picture}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "steps": args.steps,
-                                         "weak_steps": args.weak_steps, "interval": [low, high], "n": args.n,
-                                         "noise_floor_frechet_distance": floor, "rows": rows, "best": best,
-                                         "ordering": ordering}, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, {"steps": args.steps, "weak_steps": args.weak_steps, "interval": [low, high], "n": args.n,
+                           "noise_floor_frechet_distance": floor, "rows": rows, "best": best, "ordering": ordering})
     return 0
 
 

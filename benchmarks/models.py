@@ -17,7 +17,6 @@ on the machine slows numerator and denominator alike.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from difflab.models import build_network
 from difflab.models.factory import flop_counter_mode
+from output import write_json
 
 # The two cases of the issue: a pixel U-Net for 32x32x3 images and DiT-S/2 for 16x16x4 latents.
 CASES = {
@@ -264,10 +264,7 @@ def main(argv=None) -> dict:
                       torch=torch.__version__, diffusers=__import__("diffusers").__version__),
         cases=results,
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

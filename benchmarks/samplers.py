@@ -13,7 +13,6 @@ The optimised schedule and the bespoke solver are fitted on other noise (seed 1)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -29,6 +28,7 @@ from difflab.evaluation import mmd, rmse, squared_errors  # noqa: E402
 from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
 from difflab.sampling.bespoke import LINEAR_SOLVERS, fit_bespoke  # noqa: E402
+from output import write_json  # noqa: E402
 from peers import PEERS, run_peer  # noqa: E402  (imports neither diffusers nor k-diffusion)
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -305,11 +305,7 @@ def main(argv=None) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "sigma_min": SIGMA_MIN,
-                                         "sigma_max": SIGMA_MAX, "cases": results}, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "cases": results})
     return 0
 
 

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from output import write_json
+
 UNET = {"arch": "unet", "channels": 32, "channel_mult": [1, 2], "blocks_per_level": 2, "attention_resolutions": [4],
         "head_dim": 32}  # configs/digits.yaml
 TINY = {"arch": "unet", "channels": 8, "channel_mult": [1], "blocks_per_level": 1, "attention_resolutions": [],
@@ -287,10 +289,7 @@ def main(argv=None) -> dict:
         for row in report.get("throughput", {}).values():
             row.pop("run_dir")
     print_tables(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

@@ -24,7 +24,6 @@ classifier-free guidance.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from difflab.data import DATASETS, load_dataset
 from difflab.evaluation import cluster_features, frechet_distance
 from difflab.evaluation.plots import save_image_grid
 from difflab.training.run import Run, draw, load_run
+from output import write_json
 
 GRID_PROMPTS = ("red heart", "grinning face", "panda", "fire", "sun", "snowflake", "flag: Japan", "pizza",
                 "thumbs up", "cat face", "rocket", "four leaf clover", "blue circle", "ghost", "rainbow", "crab")
@@ -139,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         save_image_grid(columns.flatten(0, 1), args.figure, columns=len(scales))
         results["figure"] = str(args.figure)
         print(f"grid: {args.figure} (rows: {', '.join(GRID_PROMPTS)}; columns: guidance {args.guidance})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

@@ -52,6 +52,7 @@ from difflab.models.unet import TEMPORAL_KINDS
 from difflab.training import Trainer, resolve
 from difflab.training import checkpoint as ckpt
 from difflab.training.run import draw, load_run
+from output import write_json
 
 RECIPE = Path(__file__).parents[1] / "configs" / "moving-digits.yaml"  # the video model; its data fix FRAMES, SIZE
 FRAMES, SIZE = 8, 16
@@ -268,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         results["figure"] = str(args.figure)
         print(f"figure: {args.figure} and {args.figure.with_suffix('.gif')} (rows: 6 real clips, 6 of the video "
               "model, 6 frame-independent)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 
