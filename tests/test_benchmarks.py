@@ -82,6 +82,28 @@ def test_samplers_benchmark_smoke(samplers_module, tmp_path, capsys):
     assert "|search4|" in key and key.endswith("|held256|pool512")
 
 
+def test_samplers_benchmark_keeps_its_references(samplers_module, tmp_path, capsys):
+    def run(steps: str) -> tuple[dict, str]:
+        out = tmp_path / "samplers.json"
+        samplers_module.main(["--cases", "ring", "--nfe", "3", "--solvers", "^euler$", "--peers", "none",
+                              "--no-optimized", "--no-bespoke", "--samples", "50", "--mmd-samples", "20",
+                              "--reference-steps", steps, "--references", str(tmp_path / "refs"),
+                              "--json", str(out), "--plots", str(tmp_path)])
+        result = json.loads(out.read_text())["cases"]["ring"]
+        for row in result["rows"]:
+            row.pop("seconds")
+        return result, capsys.readouterr().out
+
+    first, printed = run("40")
+    assert "read from" not in printed and len(list((tmp_path / "refs").iterdir())) == 1
+    again, printed = run("40")
+    assert "read from" in printed and again["rows"] == first["rows"]
+    assert again["reference_half_steps_rmse"] == first["reference_half_steps_rmse"]
+    finer, printed = run("80")  # other steps: another reference
+    assert "read from" not in printed and len(list((tmp_path / "refs").iterdir())) == 2
+    assert finer["reference_half_steps_rmse"] < first["reference_half_steps_rmse"]
+
+
 @pytest.mark.parametrize("args, message", [(["--cases", "nope"], "unknown case(s) nope"),
                                            (["--nfe", "3,x"], "expected comma-separated positive integers"),
                                            (["--restarts", "0"], "expected an integer >= 1, got '0'"),
