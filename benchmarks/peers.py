@@ -74,6 +74,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from difflab.sampling.solvers import in_chunks
+
 TRAIN_TIMESTEPS = 1000
 
 
@@ -531,16 +533,25 @@ class PeerResult(NamedTuple):
 
 def run_peer(runner: Runner | str, denoiser, noise, nfe_budget: int, sigma_min: float, sigma_max: float,
              **options) -> PeerResult:
-    """Run one peer; a failure (missing package, unsupported config, ...) gives x0=None and a reason."""
+    """Run one peer; a failure (missing package, unsupported config, ...) gives x0=None and a reason.
+
+    Large batches run in chunks (:func:`~difflab.sampling.solvers.in_chunks`), as difflab's solvers do in the
+    benchmark: the same results for the deterministic peers, several times sooner.
+    """
     runner = PEERS[runner] if isinstance(runner, str) else runner
     start = time.perf_counter()
+    traces = []
+
+    def trace(part: torch.Tensor) -> torch.Tensor:
+        traces.append(runner.trace(denoiser, part, nfe_budget, sigma_min, sigma_max, **options))
+        return traces[-1].x0
+
     try:
-        result = runner.trace(denoiser, noise, nfe_budget, sigma_min, sigma_max, **options)
+        x0 = in_chunks(trace, noise)
     except Exception as exc:  # noqa: BLE001 - a peer's failure is a result, not an error
         return PeerResult(runner.name, None, None, f"{type(exc).__name__}: {exc}".strip(), [], None,
                           time.perf_counter() - start)
-    c = result.counter
-    finite = bool(torch.isfinite(result.x0).all())
-    return PeerResult(runner.name, result.x0 if finite else None, c.calls,
-                      None if finite else "non-finite output", c.sigmas, result.final_sigma,
-                      time.perf_counter() - start)
+    c = traces[0].counter  # every chunk runs the same steps
+    finite = bool(torch.isfinite(x0).all())
+    return PeerResult(runner.name, x0 if finite else None, c.calls, None if finite else "non-finite output",
+                      c.sigmas, traces[0].final_sigma, time.perf_counter() - start)

@@ -31,6 +31,7 @@ from difflab.evaluation import mmd, rmse, squared_errors  # noqa: E402
 from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
 from difflab.sampling.bespoke import LINEAR_SOLVERS, fit_bespoke  # noqa: E402
+from difflab.sampling.solvers import in_chunks  # noqa: E402
 from output import write_json  # noqa: E402
 from peers import PEERS, run_peer  # noqa: E402  (imports neither diffusers nor k-diffusion)
 
@@ -136,8 +137,9 @@ def run_case(name: str, args, peers: dict) -> dict:
                 sigmas = SCHEDULES[schedule](steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **options)
                 if schedule == "optimized":
                     optimized.append((solver, sigmas))
-                x0 = SOLVERS[solver](mixture, noise * sigmas[0].item(), sigmas,
-                                     generator=torch.Generator().manual_seed(0))
+                generator = torch.Generator().manual_seed(0)
+                x0 = in_chunks(lambda part: SOLVERS[solver](mixture, part * sigmas[0].item(), sigmas,
+                                                            generator=generator), noise)
                 record("difflab", f"{solver}+{schedule}", x0, SOLVERS[solver].nfe(steps), budget,
                        time.perf_counter() - t0, solver in STOCHASTIC)
         if budget <= OPTIMIZED_MAX_NFE and not args.no_bespoke:
@@ -147,7 +149,7 @@ def run_case(name: str, args, peers: dict) -> dict:
                                   restarts=args.restarts, held_out=args.bespoke_held_out, pool=args.bespoke_pool,
                                   steps=args.bespoke_steps, focus_search=args.focus_search,
                                   extra_starts=[(s, sigmas) for s, sigmas in optimized if s in LINEAR_SOLVERS])
-            x0 = bespoke(mixture, noise * bespoke.sigmas[0])
+            x0 = in_chunks(lambda part: bespoke(mixture, part * bespoke.sigmas[0]), noise)
             fit = {k: bespoke.info[k] for k in ("start", "held_out_rmse", "restarts", "focus", "focus_grid_point")
                    if k in bespoke.info}
             record("difflab", "bespoke", x0, bespoke.nfe, budget, time.perf_counter() - t0, False, fit=fit)

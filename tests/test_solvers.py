@@ -7,6 +7,7 @@ import torch
 
 from difflab.diffusion import GaussianMixture
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution
+from difflab.sampling.solvers import in_chunks
 
 DETERMINISTIC = sorted(set(SOLVERS) - STOCHASTIC)
 
@@ -193,3 +194,23 @@ def test_low_precision_samples_get_full_precision_sigmas():
 def test_bad_orders_are_rejected(name):
     with pytest.raises(ValueError, match="order must be a positive integer"):
         SOLVERS[name](GaussianMixture.ring(), torch.zeros(2, 2), SCHEDULES["karras"](3, 0.002, 80.0), order=0)
+
+
+def test_in_chunks_is_the_full_batch_solve():
+    mixture = GaussianMixture.ring(4, radius=1.0, std=0.1)
+    mixture.labels = torch.tensor([0, 0, 1, 1])
+    x = torch.randn(37, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80
+    labels = torch.arange(37) % 2
+    sigmas = SCHEDULES["karras"](6, sigma_min=0.002, sigma_max=80.0)
+    calls = []
+
+    def solve(part, class_labels):
+        calls.append(len(part))
+        return SOLVERS["dpmpp_2m"](mixture, part, sigmas, class_labels=class_labels)
+
+    full = solve(x, labels)
+    chunked = in_chunks(solve, x, elements=20, class_labels=labels)  # 10 rows a chunk; labels split with x
+    assert calls == [37, 10, 10, 10, 7]
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
+    assert in_chunks(solve, x[:5], elements=20, class_labels=labels[:5]).shape == (5, 2) and calls[-1] == 5
+    assert in_chunks(lambda part, scale: part * scale, x, elements=20, scale=2.0).equal(2 * x)  # not a tensor

@@ -73,7 +73,7 @@ from difflab.sampling.optimize import (
     refine_focus,
 )
 from difflab.sampling.schedules import _check
-from difflab.sampling.solvers import SOLVERS
+from difflab.sampling.solvers import SOLVERS, in_chunks
 
 # Deterministic solvers with one evaluation a step, by start name: (solver, options). Each is linear in the start
 # and the D_j, so an exact starting point. UniPC at order 3 ("unipc3") is also a start: on 64-D mixtures with a
@@ -316,6 +316,13 @@ def fit_bespoke(
     noise = torch.randn(shape, generator=g, dtype=dtype, device=device)
     held_out_noise = torch.randn((held_out or shape[0], *shape[1:]), generator=g, dtype=dtype, device=device)
     more_noise = torch.randn(((pool or shape[0]) - shape[0], *shape[1:]), generator=g, dtype=dtype, device=device)
+
+    def run(solver: BespokeSolver, z: torch.Tensor) -> torch.Tensor:
+        """``solver`` from the noises ``z``, without gradients, in chunks: the held-out batch and the pool are
+        large."""
+        with torch.no_grad():
+            return in_chunks(lambda part, **c: solver(denoiser, part * solver.sigmas[0], **c), z, **cond)
+
     with torch.no_grad():
         target, held_out_target, more_target = (
             reference_solution(denoiser, z * sigma_max, sigma_min, sigma_max, reference_steps, **cond) if len(z) else z
@@ -334,7 +341,7 @@ def fit_bespoke(
         def error(start: BespokeSolver, z: torch.Tensor, reference: torch.Tensor) -> float:
             if min(start.a[:-1], default=1.0) <= 0:  # alpha = log(a / decay) needs a > 0
                 return math.inf
-            return rmse(start(denoiser, z * start.sigmas[0], **cond), reference)
+            return rmse(run(start, z), reference)
 
         # By id(start), the start kept alive beside its error so that its id is not reused: the shortlists share
         # some starts.
@@ -387,8 +394,7 @@ def fit_bespoke(
         """The first draw, or with a pool, the batch :func:`mine` draws from it with ``start``'s errors."""
         if pool is None:
             return noise, target, None
-        with torch.no_grad():
-            errors = squared_errors(start(denoiser, pool_noise * start.sigmas[0], **cond), pool_target)
+        errors = squared_errors(run(start, pool_noise), pool_target)
         index, weights = mine(errors, shape[0], g)
         return pool_noise[index], pool_target[index], weights
 
@@ -400,8 +406,7 @@ def fit_bespoke(
         train_noise, train_target, weights = training_batch(start)
 
         def fit_held_out_error() -> float:
-            with torch.no_grad():
-                return loss(params, held_out_noise, held_out_target).item()
+            return rmse(run(params.solver({}), held_out_noise), held_out_target)
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)

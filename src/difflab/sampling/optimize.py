@@ -42,7 +42,7 @@ from difflab.sampling.schedules import (
     vp_trailing,
     vp_uniform,
 )
-from difflab.sampling.solvers import SOLVERS, STOCHASTIC, rk4
+from difflab.sampling.solvers import SOLVERS, STOCHASTIC, in_chunks, rk4
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,10 @@ def reference_solution(
     denoiser: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float, steps: int = 1000, **cond
 ) -> torch.Tensor:
     """A fine solution of the probability-flow ODE: RK4 in log-sigma from sigma_max to sigma_min, then
-    the Tweedie step to 0 that every solver takes. ``x`` is already scaled by sigma_max."""
-    return rk4(denoiser, x, loglinear(steps, sigma_min, sigma_max), **cond)
+    the Tweedie step to 0 that every solver takes. ``x`` is already scaled by sigma_max; large batches are
+    solved :func:`~difflab.sampling.solvers.in_chunks`."""
+    sigmas = loglinear(steps, sigma_min, sigma_max)
+    return in_chunks(lambda part, **c: rk4(denoiser, part, sigmas, **c), x, **cond)
 
 
 def fingerprint(denoiser: Callable) -> str | None:
