@@ -72,9 +72,12 @@ def reference_solutions(mixture: GaussianMixture, noise: torch.Tensor, steps: in
     digest.update(noise.numpy().tobytes())
     path = None if directory is None else directory / f"reference-{digest.hexdigest()[:20]}.safetensors"
     if path is not None and path.exists():
-        with safe_open(path, "pt") as stored:
-            meta = stored.metadata()
-            return stored.get_tensor("reference"), float(meta["half_steps_rmse"]), float(meta["seconds"]), path
+        try:
+            with safe_open(path, "pt") as stored:
+                meta = stored.metadata()
+                return stored.get_tensor("reference"), float(meta["half_steps_rmse"]), float(meta["seconds"]), path
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise SystemExit(f"unreadable reference file {path} ({exc}); delete it to recompute") from exc
     start = time.perf_counter()
     reference = reference_solution(mixture, noise * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX, steps=steps)
     coarse = reference_solution(mixture, noise * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX, steps=steps // 2)

@@ -102,6 +102,10 @@ def test_samplers_benchmark_keeps_its_references(samplers_module, tmp_path, caps
     finer, printed = run("80")  # other steps: another reference
     assert "read from" not in printed and len(list((tmp_path / "refs").iterdir())) == 2
     assert finer["reference_half_steps_rmse"] < first["reference_half_steps_rmse"]
+    for stored in (tmp_path / "refs").iterdir():
+        stored.write_bytes(b"not safetensors")
+    with pytest.raises(SystemExit, match="unreadable reference file .*reference-.*delete it to recompute"):
+        run("40")
 
 
 @pytest.mark.parametrize("args, message", [(["--cases", "nope"], "unknown case(s) nope"),
