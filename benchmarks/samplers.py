@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from difflab.diffusion import GaussianMixture  # noqa: E402
 from difflab.evaluation import mmd, rmse, squared_errors  # noqa: E402
 from difflab.evaluation.plots import plot_error_vs_nfe  # noqa: E402
+from difflab.paths import replacing  # noqa: E402
 from difflab.sampling import SCHEDULES, SOLVERS, STOCHASTIC, reference_solution, steps_for_nfe  # noqa: E402
 from difflab.sampling.bespoke import LINEAR_SOLVERS, fit_bespoke  # noqa: E402
 from difflab.sampling.solvers import in_chunks  # noqa: E402
@@ -83,11 +84,9 @@ def reference_solutions(mixture: GaussianMixture, noise: torch.Tensor, steps: in
     coarse = reference_solution(mixture, noise * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX, steps=steps // 2)
     error, seconds = rmse(coarse, reference), time.perf_counter() - start
     if path is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        save_file({"reference": reference.contiguous()}, partial,
-                  metadata={"half_steps_rmse": repr(error), "seconds": repr(seconds), "steps": str(steps)})
-        partial.replace(path)
+        with replacing(path) as partial:
+            save_file({"reference": reference.contiguous()}, partial,
+                      metadata={"half_steps_rmse": repr(error), "seconds": repr(seconds), "steps": str(steps)})
     return reference, error, seconds, None
 
 

@@ -32,16 +32,15 @@ def test_write_json_records_the_command_and_replaces_whole_files(output_module, 
                                             "run": str(tmp_path)}
     assert capsys.readouterr().out == f"wrote {path}\n"
 
-    def full_disk(self, text):  # writes a little, then fails
-        with open(self, "w") as f:
-            f.write(text[:5])
+    def full_disk(self, data):  # writes a little, then fails
+        with open(self, "wb") as f:
+            f.write(data[:5])
         raise OSError("No space left on device")
 
     with monkeypatch.context() as patch, pytest.raises(OSError, match="No space"):
-        patch.setattr(Path, "write_text", full_disk)
+        patch.setattr(Path, "write_bytes", full_disk)
         output_module.write_json(path, {"rmse": 0.25}, quiet=True)
     assert json.loads(path.read_text())["rmse"] == 0.5  # the last complete file stays
-    (path.parent / "figures.json.partial").unlink()
     output_module.write_json(None, {"rmse": 1.0})  # no --json: nothing written
     assert capsys.readouterr().out == "" and sorted(p.name for p in path.parent.iterdir()) == ["figures.json"]
 
