@@ -330,6 +330,15 @@ def main(argv=None) -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
+    # The folders written to, made now: a bad path found after hours of measuring would lose the figures.
+    for flag, folder in (("--references", args.references), ("--plots", args.plots),
+                         ("--json", args.json and args.json.parent),
+                         ("--markdown", args.markdown and args.markdown.parent)):
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"{flag}: cannot make the folder {folder}: {exc.strerror}")
     torch.set_num_threads(1)
 
     peers = {} if args.peers == "none" else {n: r for n, r in PEERS.items()

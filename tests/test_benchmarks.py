@@ -123,6 +123,19 @@ def test_samplers_benchmark_rejects_bad_arguments(samplers_module, capsys, args,
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, path, folder", [("--references", "file", "file"), ("--json", "file/out.json", "file"),
+                                                ("--plots", "file/figures", "file/figures"),
+                                                ("--markdown", "file/table.md", "file")])
+def test_samplers_benchmark_refuses_unwritable_outputs_before_measuring(samplers_module, tmp_path, capsys, flag,
+                                                                        path, folder):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        samplers_module.main(["--cases", "ring", flag, str(tmp_path / path)])
+    printed = capsys.readouterr()
+    assert exit_info.value.code == 2 and f"{flag}: cannot make the folder {tmp_path / folder}: " in printed.err
+    assert "== ring" not in printed.out  # refused before any measuring
+
+
 @pytest.fixture
 def models_module(monkeypatch):
     pytest.importorskip("diffusers")
